@@ -1,0 +1,88 @@
+# Local launcher: one training process per --devices entry on this machine.
+#   python main.py --fname configs/demo/fmnist_vitnano_ijepa.yaml --devices cpu
+#   python main.py --fname configs/in1k_vith14_ep300.yaml --devices cuda:0 cuda:1
+# Several devices use torch.distributed (gloo on CPU, NCCL on CUDA) on a free local port; an error in any process
+# stops the others and makes the exit code non-zero.
+
+import argparse
+import logging
+import os
+import pprint
+import socket
+import sys
+
+import yaml
+
+parser = argparse.ArgumentParser()
+parser.add_argument('--fname', type=str, help='name of config file to load', default='configs.yaml')
+parser.add_argument('--devices', type=str, nargs='+', default=['cuda:0'],
+                    help='devices to use on this machine, one process each: cpu, or cuda:0 cuda:1 ...')
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def load_params(fname):
+    from src.config import ConfigError, parse_config
+    try:
+        with open(fname, 'r') as y_file:
+            params = yaml.safe_load(y_file)
+        parse_config(params)               # validate before any process starts
+    except FileNotFoundError:
+        raise SystemExit(f'error: config file not found: {fname}')
+    except ConfigError as e:
+        raise SystemExit(f'error: {fname}: {e}')
+    return params
+
+
+def process_main(rank, fname, world_size, devices, port):
+    device = devices[rank]
+    if device.startswith('cuda'):
+        # one visible GPU per process, as in ijepa
+        os.environ['CUDA_VISIBLE_DEVICES'] = device.split(':')[-1] if ':' in device else '0'
+        device = 'cuda:0'
+    else:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO)
+    logger = logging.getLogger()
+    logger.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    logger.info(f'called-params {fname}')
+    params = load_params(fname)
+    if rank == 0:
+        logger.info('loaded params...\n' + pprint.pformat(params, indent=4))
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
+                          RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    from src.train import main as app_main
+    from src.utils.distributed import init_distributed
+    world_size, rank = init_distributed(rank_and_world_size=(rank, world_size))
+    logger.info(f'Running... (rank: {rank}/{world_size})')
+    try:
+        app_main(args=params, device=device)
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    load_params(args.fname)
+    devices = args.devices
+    if len(devices) > 1 and any(d.startswith('cuda') for d in devices) and any(d == 'cpu' for d in devices):
+        raise SystemExit('error: --devices mixes cpu and cuda')
+    if len(devices) == 1:
+        process_main(0, args.fname, 1, devices, None)
+        return 0
+    import torch.multiprocessing as mp
+    mp.start_processes(process_main, args=(args.fname, len(devices), devices, free_port()),
+                       nprocs=len(devices), join=True, start_method='spawn')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
