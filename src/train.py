@@ -158,7 +158,9 @@ def main(args, resume_preempt=False, device=None):
     latest_path = os.path.join(folder, f'{tag}-latest.pth.tar')
     rank_latest_path = latest_path if rank == 0 else os.path.join(folder, f'{tag}-latest_r{rank}.pth.tar')
     load_path = None
-    if meta.load_checkpoint or resume_preempt:
+    if resume_preempt and os.path.exists(latest_path):
+        load_path = latest_path     # requeued after timeout/preemption: continue this run, not read_checkpoint
+    elif meta.load_checkpoint:      # (requeued before the first checkpoint: start as the first job did)
         load_path = os.path.join(folder, meta.read_checkpoint) if meta.read_checkpoint else latest_path
     elif meta.auto_resume and os.path.exists(latest_path):
         load_path = latest_path
@@ -302,7 +304,8 @@ def main(args, resume_preempt=False, device=None):
             logger.info(f'epoch {epoch + 1} done at step {step}: loss {last_finite["loss"]:.4f}; '
                         f'checkpoint {latest_path}')
     logger.info(f'training finished at step {step}; log: {log_file}; checkpoint: {latest_path}')
-    return {'step': step, 'loss': last_finite['loss'], 'log_file': log_file, 'checkpoint': latest_path}
+    return {'start_step': start_step, 'step': step, 'loss': last_finite['loss'], 'log_file': log_file,
+            'checkpoint': latest_path}
 
 
 def extras_epoch_steps(extras, ipe):

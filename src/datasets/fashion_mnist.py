@@ -43,8 +43,9 @@ class FashionMNIST(torchvision.datasets.FashionMNIST):
         return img, target
 
 
-def prepare(root, debian_dir=DEBIAN_DIR, download=True):
+def prepare(root, debian_dir=None, download=True):
     """Make ROOT/FashionMNIST/raw/ hold the four decompressed files: from Debian's package, else by download."""
+    debian_dir = debian_dir or DEBIAN_DIR
     raw = raw_folder(root)
     missing = [f for f in FILES if not os.path.isfile(os.path.join(raw, f))]
     if not missing:

@@ -420,7 +420,7 @@ VIT_EMBED_DIMS = {name: size['embed_dim'] for name, size in VIT_SIZES.items()}
 
 
 def _vit(name, patch_size=16, **kwargs):
-    size = dict(mlp_ratio=4, **VIT_SIZES[name])
+    size = {'mlp_ratio': 4, **VIT_SIZES[name]}   # the size may override the MLP ratio (giant: 48/11)
     size.update(kwargs)
     return VisionTransformer(patch_size=patch_size, qkv_bias=True,
                              norm_layer=partial(nn.LayerNorm, eps=1e-6), **size)

@@ -1,0 +1,144 @@
+# Time the full training step of a config (forward, loss, backward, optimiser step, EMA), without data loading.
+#
+#   python -m bench.step --fname configs/in1k_vitl16_ijepa.yaml --batch-size 8 --steps 10
+#   python -m bench.step --fname configs/bench/vit_tiny_224_ijepa.yaml --ijepa-ref /path/to/ijepa/checkout
+#
+# Batches (synthetic images, or real ones with --real-data, plus the config's masks) are prepared before timing.
+# The step is src.train.TrainStep, exactly what training runs. With --ijepa-ref, facebookresearch/ijepa's own
+# encoder and predictor are driven by the same step on the same batches, interleaved step by step with ours so
+# that machine noise hits both alike, and the table shows the ratio. The last line is always
+#   step_ms=<median ms of our step> images_per_s=<batch size * 1000 / step_ms>
+
+import argparse
+import copy
+import importlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from src.config import load_config
+from src.helper import init_model, init_opt
+from src.objectives import make_objective, objective_class
+from src.train import Schedules, TrainStep
+
+
+def load_ijepa_vit(ijepa_dir):
+    """Import ijepa's src.models.vision_transformer from a checkout without clashing with our `src` package."""
+    ours = {k: m for k, m in sys.modules.items() if k == 'src' or k.startswith('src.')}
+    for k in ours:
+        del sys.modules[k]
+    saved_path = list(sys.path)
+    # ijepa's src has no __init__.py, so our regular package would win the import: hide it meanwhile
+    sys.path[:] = [ijepa_dir] + [p for p in sys.path if not os.path.isfile(os.path.join(p or '.', 'src', '__init__.py'))]
+    try:
+        return importlib.import_module('src.models.vision_transformer')
+    finally:
+        sys.path[:] = saved_path
+        for k in [k for k in sys.modules if k == 'src' or k.startswith('src.')]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+
+
+def make_batches(cfg, n, real_data):
+    """n collated batches ((imgs, labels), masks...) made by the config's collator."""
+    collator = objective_class(cfg).make_collator(cfg, rank=0)
+    B, S = cfg.data.batch_size, cfg.data.crop_size
+    if real_data:
+        from src.datasets import make_dataset
+        from src.transforms import make_transforms
+        dataset = make_dataset(cfg.data, make_transforms(crop_size=S, crop_scale=cfg.data.crop_scale,
+                                                         normalization=cfg.data.normalization))
+        items = [dataset[i % len(dataset)] for i in range(n * B)]
+    else:
+        g = torch.Generator().manual_seed(0)
+        items = [(torch.randn(3, S, S, generator=g), 0) for _ in range(n * B)]
+    return [collator(items[i * B:(i + 1) * B]) for i in range(n)]
+
+
+def build_step(cfg, device, encoder, predictor):
+    target_encoder = copy.deepcopy(encoder)
+    for p in target_encoder.parameters():
+        p.requires_grad = False
+    o = cfg.optimization
+    ipe = 1000
+    optimizer, scaler, _, _ = init_opt(encoder, predictor, iterations_per_epoch=ipe, start_lr=o.start_lr,
+                                       ref_lr=o.lr, warmup=o.warmup, num_epochs=o.epochs, wd=o.weight_decay,
+                                       final_wd=o.final_weight_decay, final_lr=o.final_lr,
+                                       use_bfloat16=cfg.meta.use_bfloat16, ipe_scale=o.ipe_scale)
+    use_bf16 = ((cfg.meta.use_bfloat16 and device.type == 'cuda')
+                or (cfg.meta.bfloat16_on_cpu and device.type == 'cpu'))
+    objective = make_objective(cfg, encoder, predictor, target_encoder)
+    return TrainStep(objective, optimizer, scaler, Schedules(cfg, ipe), encoder, target_encoder, device, use_bf16)
+
+
+def timed(step_fn, batch, step, device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss, *_ = step_fn(batch, step)
+    loss.item()                                   # waits for the step to finish
+    return (time.perf_counter() - t0) * 1000.
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Time the full training step of a config.')
+    parser.add_argument('--fname', required=True, help='config file')
+    parser.add_argument('--steps', type=int, default=10, help='timed steps (after warm-up)')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed warm-up steps')
+    parser.add_argument('--batch-size', type=int, default=None, help='override data.batch_size')
+    parser.add_argument('--devices', nargs='+', default=['cpu'], help='device to time on (the first is used)')
+    parser.add_argument('--real-data', action='store_true', help="load the config's dataset instead of noise")
+    parser.add_argument('--ijepa-ref', default=None, help='path to a facebookresearch/ijepa checkout: also time '
+                        'its encoder and predictor in the same step')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: all cores)')
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.fname)
+    if args.batch_size is not None:
+        cfg.data.batch_size = args.batch_size
+    device = torch.device(args.devices[0])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    m = cfg.meta
+    batches = make_batches(cfg, args.warmup + args.steps, args.real_data)
+
+    torch.manual_seed(m.seed)
+    encoder, predictor = init_model(device, patch_size=cfg.mask.patch_size, model_name=m.model_name,
+                                    crop_size=cfg.data.crop_size, pred_depth=m.pred_depth,
+                                    pred_emb_dim=m.pred_emb_dim, use_cls_token=m.use_cls_token)
+    runs = {'ours': build_step(cfg, device, encoder, predictor)}
+    if args.ijepa_ref:
+        ref = load_ijepa_vit(args.ijepa_ref)
+        ref_encoder = ref.__dict__[m.model_name](img_size=[cfg.data.crop_size], patch_size=cfg.mask.patch_size)
+        ref_predictor = ref.vit_predictor(num_patches=ref_encoder.patch_embed.num_patches,
+                                          embed_dim=ref_encoder.embed_dim, predictor_embed_dim=m.pred_emb_dim,
+                                          depth=m.pred_depth, num_heads=ref_encoder.num_heads)
+        ref_encoder.load_state_dict(encoder.state_dict())       # same weights, same work
+        ref_predictor.load_state_dict(predictor.state_dict())
+        runs['ijepa'] = build_step(cfg, device, ref_encoder.to(device), ref_predictor.to(device))
+
+    times = {name: [] for name in runs}
+    for i, batch in enumerate(batches):
+        for name, step_fn in runs.items():          # interleaved: noise hits every implementation alike
+            ms = timed(step_fn, batch, i, device)
+            if i >= args.warmup:
+                times[name].append(ms)
+
+    B = cfg.data.batch_size
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f'config {args.fname}: {m.method} {m.model_name}/{cfg.mask.patch_size} at {cfg.data.crop_size}px, '
+          f'batch {B}, {device}, {torch.get_num_threads()} threads, '
+          f'{"bf16" if runs["ours"].use_bf16 else "fp32"}, {args.steps} timed steps after {args.warmup} warm-up')
+    print(f'{"impl":<8}{"median ms":>12}{"min ms":>10}{"images/s":>12}{"vs ours":>10}')
+    for name, t in times.items():
+        print(f'{name:<8}{median[name]:>12.1f}{min(t):>10.1f}{B * 1000. / median[name]:>12.1f}'
+              f'{median[name] / median["ours"]:>10.2f}')
+    print(f'step_ms={median["ours"]:.1f} images_per_s={B * 1000. / median["ours"]:.1f}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Shared helpers for the tests: a tiny config that trains in seconds on a CPU."""
+import copy
+
+import yaml
+
+TINY = {
+    'meta': {'model_name': 'vit_pico', 'pred_depth': 2, 'pred_emb_dim': 16, 'use_bfloat16': False, 'seed': 0},
+    'data': {'dataset': 'synthetic', 'limit_images': 64, 'batch_size': 8, 'crop_size': 32, 'crop_scale': [0.3, 1.0],
+             'num_workers': 0, 'pin_mem': False},
+    'mask': {'patch_size': 8, 'num_enc_masks': 1, 'num_pred_masks': 2, 'enc_mask_scale': [0.85, 1.0],
+             'pred_mask_scale': [0.15, 0.25], 'aspect_ratio': [0.75, 1.5], 'min_keep': 0},
+    'optimization': {'epochs': 2, 'warmup': 0.5, 'start_lr': 1.0e-4, 'lr': 1.0e-3, 'final_lr': 1.0e-6,
+                     'weight_decay': 0.04, 'final_weight_decay': 0.4, 'ema': [0.996, 1.0], 'ipe_scale': 1.0},
+    'logging': {'folder': None, 'write_tag': 'jepa', 'log_freq': 2},
+}
+
+
+def tiny_params(folder, **overrides):
+    """TINY with `folder` and dotted overrides, e.g. tiny_params(p, **{'optimization.max_steps': 3})."""
+    params = copy.deepcopy(TINY)
+    params['logging']['folder'] = str(folder)
+    for dotted, value in overrides.items():
+        section, key = dotted.split('.')
+        params.setdefault(section, {})[key] = value
+    return params
+
+
+def write_config(path, params):
+    with open(path, 'w') as f:
+        yaml.safe_dump(params, f)
+    return str(path)

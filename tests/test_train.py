@@ -1,0 +1,146 @@
+"""Training loop: checkpoints with ijepa's keys, CSV columns, bit-for-bit resume, non-finite loss, schedules."""
+import math
+import os
+
+import pytest
+import torch
+
+from src.objectives.ijepa import IJEPA
+from src.train import NonFiniteLossError, main as train_main
+from src.utils.schedulers import CosineWDSchedule, WarmupCosineSchedule
+from tests.helpers import tiny_params
+
+pytestmark = pytest.mark.timeout(180)
+
+IJEPA_KEYS = {'encoder', 'predictor', 'target_encoder', 'opt', 'scaler', 'epoch', 'loss', 'batch_size',
+              'world_size', 'lr'}
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def read_csv(path):
+    with open(path) as f:
+        header = f.readline().strip().split(',')
+        rows = [dict(zip(header, line.strip().split(','))) for line in f if line.strip()]
+    return header, rows
+
+
+def assert_same_weights(a, b):
+    for key in ('encoder', 'predictor', 'target_encoder'):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs'
+
+
+def test_checkpoint_and_csv_follow_ijepa(tmp_path):
+    out = train_main(tiny_params(tmp_path, **{'optimization.max_steps': 5}))
+    assert out['step'] == 5
+    ckpt = load(tmp_path / 'jepa-latest.pth.tar')
+    assert IJEPA_KEYS <= set(ckpt)
+    assert ckpt['step'] == 5 and ckpt['world_size'] == 1 and ckpt['batch_size'] == 8
+    assert not any(k.startswith('module.') for k in ckpt['encoder'])
+    assert {'patch_embed.proj.weight', 'pos_embed', 'blocks.0.attn.qkv.weight', 'norm.weight'} <= set(ckpt['encoder'])
+    assert {'predictor_embed.weight', 'mask_token', 'predictor_pos_embed', 'predictor_proj.weight'} \
+        <= set(ckpt['predictor'])
+    header, rows = read_csv(tmp_path / 'jepa_r0.csv')
+    assert header[:6] == ['epoch', 'itr', 'loss', 'mask-A', 'mask-B', 'time (ms)']
+    assert [int(r['itr']) for r in rows] == [0, 1, 2, 3, 4]
+    assert all(math.isfinite(float(r['loss'])) for r in rows)
+    assert (tmp_path / 'params-jepa.yaml').exists()
+
+
+def test_loss_falls(tmp_path):
+    train_main(tiny_params(tmp_path, **{'optimization.epochs': 4}))      # 32 steps
+    _, rows = read_csv(tmp_path / 'jepa_r0.csv')
+    losses = [float(r['loss']) for r in rows]
+    assert len(losses) == 32
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_resume_is_bit_for_bit(tmp_path, num_workers):
+    """N steps straight == N/2 steps, stop, resume, N/2 steps (mid-epoch: 8 batches per epoch)."""
+    straight = tmp_path / 'straight'
+    train_main(tiny_params(straight, **{'data.num_workers': num_workers, 'optimization.max_steps': 10}))
+    split = tmp_path / 'split'
+    train_main(tiny_params(split, **{'data.num_workers': num_workers, 'optimization.max_steps': 5}))
+    assert load(split / 'jepa-latest.pth.tar')['step'] == 5
+    resumed = train_main(tiny_params(split, **{'data.num_workers': num_workers, 'optimization.max_steps': 10}))
+    assert resumed['start_step'] == 5
+    a, b = load(straight / 'jepa-latest.pth.tar'), load(split / 'jepa-latest.pth.tar')
+    assert a['step'] == b['step'] == 10
+    assert_same_weights(a, b)
+    # the optimizer state continues too
+    for sa, sb in zip(a['opt']['state'].values(), b['opt']['state'].values()):
+        assert torch.equal(sa['exp_avg'], sb['exp_avg'])
+    # the resumed CSV holds each step once, in order
+    _, rows = read_csv(split / 'jepa_r0.csv')
+    assert [(int(r['epoch']), int(r['itr'])) for r in rows] == [(1 + s // 8, s % 8) for s in range(10)]
+    _, rows_a = read_csv(straight / 'jepa_r0.csv')
+    assert [r['loss'] for r in rows] == [r['loss'] for r in rows_a]
+
+
+def test_resume_after_kill_drops_rows_past_checkpoint(tmp_path):
+    """A run killed after its checkpoint at step 4 logged more rows; resuming keeps the CSV consistent."""
+    train_main(tiny_params(tmp_path, **{'optimization.max_steps': 6, 'logging.checkpoint_steps': 4}))
+    ckpt = load(tmp_path / 'jepa-latest.pth.tar')
+    assert ckpt['step'] == 6
+    # simulate the kill: the latest checkpoint is the step-4 one, the log went on to step 6
+    train_main(tiny_params(tmp_path / 'b', **{'optimization.max_steps': 4}))
+    os.replace(tmp_path / 'b' / 'jepa-latest.pth.tar', tmp_path / 'jepa-latest.pth.tar')
+    assert train_main(tiny_params(tmp_path, **{'optimization.max_steps': 8}))['start_step'] == 4
+    _, rows = read_csv(tmp_path / 'jepa_r0.csv')
+    assert [int(r['itr']) for r in rows] == list(range(8))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    original = IJEPA.__call__
+
+    def poisoned(self, batch, step):
+        loss, stats = original(self, batch, step)
+        return (loss * float('nan') if step >= 5 else loss), stats
+
+    monkeypatch.setattr(IJEPA, '__call__', poisoned)
+    params = tiny_params(tmp_path, **{'logging.checkpoint_steps': 2, 'logging.log_freq': 4})
+    with pytest.raises(NonFiniteLossError) as err:
+        train_main(params)
+    msg = str(err.value)
+    assert 'step 5' in msg and 'jepa-latest.pth.tar' in msg and 'last finite loss' in msg
+    ckpt = load(tmp_path / 'jepa-latest.pth.tar')
+    assert ckpt['step'] == 4       # written before the NaN; the NaN at step 5 was caught before the step-6 save
+    assert all(torch.isfinite(v).all() for v in ckpt['encoder'].values())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step, equal to ijepa's objects stepped from the start (SPEC section 3)
+# ------------------------------------------------------------------------------------------------------------
+
+def reference_lr(t, warmup, start, ref, final, total):
+    """The LR used at 0-based step t: ijepa steps its schedule before each step, so it evaluates t + 1."""
+    s = t + 1
+    if s < warmup:
+        return start + (s / warmup) * (ref - start)
+    progress = (s - warmup) / (total - warmup)
+    return max(final, final + (ref - final) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_schedules_match_reference_and_objects():
+    from src.config import parse_config
+    from src.train import Schedules
+    cfg = parse_config({'optimization': {'epochs': 3, 'warmup': 1, 'start_lr': 2e-4, 'lr': 1e-3, 'final_lr': 1e-6,
+                                         'weight_decay': 0.04, 'final_weight_decay': 0.4, 'ema': [0.99, 1.0]},
+                        'data': {'dataset': 'synthetic'}})
+    ipe = 10
+    sched = Schedules(cfg, ipe)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.)
+    lr_obj = WarmupCosineSchedule(opt, warmup_steps=10, start_lr=2e-4, ref_lr=1e-3, T_max=30, final_lr=1e-6)
+    wd_obj = CosineWDSchedule(opt, ref_wd=0.04, T_max=30, final_wd=0.4)
+    for t in range(30):
+        assert sched.lr(t) == pytest.approx(reference_lr(t, 10, 2e-4, 1e-3, 1e-6, 30), rel=1e-12)
+        assert sched.lr(t) == lr_obj.step()
+        assert sched.wd(t) == wd_obj.step()
+        assert sched.momentum(t) == pytest.approx(0.99 + t * 0.01 / 30)
+    assert sched.lr(9) == pytest.approx(1e-3)                  # end of warmup reaches the peak
+    assert sched.wd(29) == pytest.approx(0.4)                  # weight decay rises to its final value
