@@ -218,6 +218,10 @@ def _validate(cfg):
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f'{key} must be {expected}')
+    heads = VIT_SIZES[cfg.meta.model_name]['num_heads']
+    if cfg.meta.pred_emb_dim % heads != 0:
+        raise ConfigError(f'meta.pred_emb_dim={cfg.meta.pred_emb_dim} must be divisible by the {heads} attention '
+                          f'heads of {cfg.meta.model_name} (the predictor uses the encoder\'s head count)')
     if cfg.data.dataset in ('imagenet', 'imagefolder') and not cfg.data.root_path:
         raise ConfigError(f'data.root_path must be set for data.dataset={cfg.data.dataset}')
     return cfg

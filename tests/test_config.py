@@ -87,3 +87,9 @@ def test_missing_dataset_path_is_reported(tmp_path):
               'logging': {'folder': str(tmp_path)}}
     with pytest.raises(FileNotFoundError, match='nowhere'):
         train_main(params)
+
+
+def test_predictor_width_must_split_into_the_encoder_heads():
+    with pytest.raises(ConfigError, match='meta.pred_emb_dim'):
+        parse_config({'meta': {'model_name': 'vit_tiny', 'pred_emb_dim': 16}, 'data': {'dataset': 'synthetic'}})
+    parse_config({'meta': {'model_name': 'vit_tiny', 'pred_emb_dim': 384}, 'data': {'dataset': 'synthetic'}})

@@ -18,7 +18,7 @@ from src.masks.utils import BatchCounter, seed_from
 
 logger = getLogger()
 
-_TRIES_PER_CONSTRAINT = 20   # ijepa's timeout: failed tries before the oldest constraint is dropped
+_TRIES_PER_CONSTRAINT = 20   # ijepa's timeout: failed tries before one constraint is dropped
 
 
 class MaskSettingsError(ValueError):
@@ -125,7 +125,10 @@ class MaskCollator(BatchCounter):
         return _block_sizes(self.height, self.width, scale, aspect_ratio_scale, rand)
 
     def _sample_block_mask(self, b_size, acceptable_regions=None, generator=None):
-        """One block of size `b_size`, restricted to `acceptable_regions` (dropped oldest-first after 20 misses).
+        """One block of size `b_size`, restricted to `acceptable_regions`.
+
+        After every 20 misses in a row one constraint is dropped: only the first len - tries regions are applied,
+        so the newest is dropped first (ijepa's code; its comments and SPEC section 3 say "oldest").
 
         Returns (ids [K] of the kept patches in raster order, complement [H, W] int32 of the block: 1 outside).
         """

@@ -253,7 +253,7 @@ class VisionTransformer(nn.Module):
         # -- optional learnable [CLS] token (no position embedding, as in the DSeq-JEPA reference)
         self.num_prefix_tokens = 1 if use_cls_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_cls_token else None
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()           # stochastic depth decay rule
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                   drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
@@ -365,7 +365,7 @@ class VisionTransformerPredictor(nn.Module):
             raise ValueError(f'grid {self.grid_size} does not have {num_patches} patches')
         self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.predictor_pos_embed = nn.Parameter(torch.zeros(1, num_patches, predictor_embed_dim),
                                                 requires_grad=False)
         self.predictor_pos_embed.data.copy_(
