@@ -1,0 +1,223 @@
+"""Launchers: main.py with two CPU processes (DDP over gloo), main_distributed.py through submitit's local executor
+(two tasks, and a real requeue after a timeout signal), error propagation and config errors at start-up."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.helpers import tiny_params, write_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IJEPA_COLUMNS = ['epoch', 'itr', 'loss', 'mask-A', 'mask-B', 'time (ms)']
+
+
+def run(script, *args, timeout=120):
+    """Run a launcher of this repository as a user would (from the repository, a fresh interpreter)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def read_csv(path):
+    with open(path) as f:
+        header = f.readline().strip().split(',')
+        rows = [dict(zip(header, line.strip().split(','))) for line in f if line.strip()]
+    return header, rows
+
+
+def assert_same_weights(a, b):
+    for key in ('encoder', 'predictor', 'target_encoder'):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs between ranks'
+
+
+def ddp_params(folder, **overrides):
+    """Tiny run of 4 steps on each of two ranks; every rank writes its checkpoint and CSV."""
+    return tiny_params(folder, **{'optimization.epochs': 1, 'optimization.max_steps': 4, 'logging.log_freq': 1,
+                                  'logging.save_all_ranks': True, **overrides})
+
+
+def assert_two_ranks_trained(folder, steps=4):
+    r0, r1 = load(folder / 'jepa-latest.pth.tar'), load(folder / 'jepa-latest_r1.pth.tar')
+    assert_same_weights(r0, r1)
+    assert r0['world_size'] == r1['world_size'] == 2
+    assert r0['step'] == r1['step'] == steps
+    for rank in (0, 1):
+        header, rows = read_csv(folder / f'jepa_r{rank}.csv')
+        assert header[:6] == IJEPA_COLUMNS
+        assert [int(r['itr']) for r in rows] == list(range(steps))
+    return r0
+
+
+@pytest.mark.timeout(90)
+def test_main_two_cpu_processes_train_with_ddp(tmp_path):
+    out = tmp_path / 'out'
+    fname = write_config(tmp_path / 'cfg.yaml', ddp_params(out))
+    proc = run('main.py', '--fname', fname, '--devices', 'cpu', 'cpu')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = assert_two_ranks_trained(out)
+
+    # training happened: the weights moved (a little) away from the initial ones of the same seed
+    from src.helper import init_model
+    torch.manual_seed(0)
+    encoder, predictor = init_model(device='cpu', patch_size=8, model_name='vit_pico', crop_size=32, pred_depth=2,
+                                    pred_emb_dim=16)
+    for key, model in (('encoder', encoder), ('predictor', predictor)):
+        for name, initial in model.state_dict().items():
+            if name.endswith('pos_embed'):         # fixed sin-cos table
+                continue
+            delta = (ckpt[key][name] - initial).abs().max().item()
+            assert delta < 0.02, f'{key}.{name}: not the initial weights of this seed (max diff {delta})'
+        assert any(not torch.equal(ckpt[key][n], v) for n, v in model.state_dict().items()), f'{key} unchanged'
+
+
+@pytest.mark.timeout(90)
+def test_main_error_in_a_process_stops_the_run(tmp_path):
+    params = ddp_params(tmp_path / 'out', **{'data.dataset': 'imagefolder',
+                                             'data.root_path': str(tmp_path / 'missing')})
+    fname = write_config(tmp_path / 'cfg.yaml', params)
+    proc = run('main.py', '--fname', fname, '--devices', 'cpu', 'cpu', timeout=80)
+    assert proc.returncode != 0
+    assert 'missing' in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(90)
+def test_main_distributed_local_executor_two_tasks(tmp_path):
+    out, logs = tmp_path / 'out', tmp_path / 'submitit'
+    fname = write_config(tmp_path / 'cfg.yaml', ddp_params(out))
+    proc = run('main_distributed.py', '--fname', fname, '--folder', logs, '--cluster', 'local', '--nodes', 1,
+               '--tasks-per-node', 2, '--gpus-per-node', 0, '--time', 5, '--wait', timeout=85)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_id = proc.stdout.split()[0]
+    assert (logs / f'job_{job_id}').is_dir(), f'no submitit folder for job {job_id!r}: {os.listdir(logs)}'
+    assert_two_ranks_trained(out)
+
+
+@pytest.mark.timeout(60)
+def test_main_distributed_wait_reports_a_failed_job(tmp_path):
+    params = ddp_params(tmp_path / 'out', **{'data.dataset': 'imagefolder',
+                                             'data.root_path': str(tmp_path / 'missing')})
+    fname = write_config(tmp_path / 'cfg.yaml', params)
+    proc = run('main_distributed.py', '--fname', fname, '--folder', tmp_path / 'submitit', '--cluster', 'local',
+               '--tasks-per-node', 2, '--gpus-per-node', 0, '--time', 3, '--wait', timeout=55)
+    assert proc.returncode != 0
+    assert 'failed' in proc.stderr and 'image folder not found' in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(10)
+def test_trainer_checkpoint_requeues_a_resuming_trainer(tmp_path):
+    import submitit
+
+    from main_distributed import Trainer
+    fname = write_config(tmp_path / 'cfg.yaml', ddp_params(tmp_path / 'out'))
+    trainer = Trainer(fname)
+    assert trainer.resume is False and trainer.fname == fname
+    delayed = trainer.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert isinstance(delayed.function, Trainer)
+    assert delayed.function.resume is True and delayed.function.fname == fname
+    assert delayed.args == () and delayed.kwargs == {}
+    # submitit pickles it for the requeued job
+    delayed.dump(tmp_path / 'requeued.pkl')
+    again = submitit.helpers.DelayedSubmission.load(tmp_path / 'requeued.pkl')
+    assert again.function.resume is True and again.function.fname == fname
+    assert Trainer(fname, True).resume is True              # ijepa's positional form Trainer(fname, load_model)
+
+
+@pytest.mark.timeout(30)
+def test_requeued_trainer_without_a_checkpoint_starts_from_scratch(tmp_path):
+    """Preempted before the first checkpoint was written: the requeued Trainer(resume=True) trains from step 0
+    instead of failing on the missing file. (Outside a submitit job the Trainer runs as one process.)"""
+    from main_distributed import Trainer
+    out = tmp_path / 'out'
+    fname = write_config(tmp_path / 'cfg.yaml', tiny_params(out, **{'optimization.max_steps': 2}))
+    threads = torch.get_num_threads()
+    try:
+        result = Trainer(fname, resume=True)()
+    finally:
+        torch.set_num_threads(threads)
+    assert result['start_step'] == 0 and result['step'] == 2
+    assert load(out / 'jepa-latest.pth.tar')['step'] == 2
+
+
+def _children(pid):
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not os.path.exists(f'/proc/{os.getpid()}/task/{os.getpid()}/children'),
+                    reason='needs /proc/<pid>/task/<pid>/children (Linux)')
+def test_requeue_on_timeout_signal_resumes_from_latest_checkpoint(tmp_path):
+    """A timeout signal (as SLURM sends before the time limit) makes submitit call Trainer.checkpoint() and requeue
+    the job; the new job resumes from the latest checkpoint and ends at the last step, with each step logged once."""
+    import submitit
+
+    from main_distributed import Trainer
+    out = tmp_path / 'out'
+    steps = 120
+    params = tiny_params(out, **{'optimization.epochs': 15, 'optimization.max_steps': steps, 'logging.log_freq': 1,
+                                 'logging.checkpoint_steps': 2})
+    fname = write_config(tmp_path / 'cfg.yaml', params)
+    executor = submitit.AutoExecutor(folder=tmp_path / 'submitit' / 'job_%j', cluster='local')
+    executor.update_parameters(timeout_min=5, nodes=1, tasks_per_node=1, gpus_per_node=0)
+    job = executor.submit(Trainer(fname))
+    try:
+        latest = out / 'jepa-latest.pth.tar'
+        deadline = time.time() + 60
+        while not latest.exists():                # the first mid-epoch checkpoint (step 2)
+            assert job.state == 'RUNNING', job.stderr()
+            assert time.time() < deadline, 'no checkpoint after 60 s'
+            time.sleep(0.02)
+        (task,) = _children(job._process.pid)     # the controller's only task
+        os.kill(task, submitit.JobEnvironment._usr_sig())
+        result = job.result()
+    finally:
+        job.cancel()
+    log = job.stdout()
+    assert 'Requeued job' in log, log[-3000:]
+    assert 'called-params' in log and '(resume: True)' in log
+    assert 0 < result['start_step'] < steps, f'the requeued job did not resume mid-run: {result}'
+    assert result['step'] == steps
+    assert load(latest)['step'] == steps
+    header, rows = read_csv(out / 'jepa_r0.csv')
+    ipe = 64 // 8
+    assert [(int(r['epoch']) - 1) * ipe + int(r['itr']) for r in rows] == list(range(steps)), \
+        'the CSV should hold every step once, in order'
+
+
+@pytest.mark.timeout(60)
+def test_misspelled_key_fails_at_start_up(tmp_path):
+    params = ddp_params(tmp_path / 'out')
+    params['optimization']['max_step'] = params['optimization'].pop('max_steps')
+    fname = write_config(tmp_path / 'cfg.yaml', params)
+
+    proc = run('main.py', '--fname', fname, '--devices', 'cpu', 'cpu', timeout=50)
+    assert proc.returncode != 0
+    assert 'optimization.max_step' in proc.stdout + proc.stderr
+
+    logs = tmp_path / 'submitit'
+    proc = run('main_distributed.py', '--fname', fname, '--folder', logs, '--cluster', 'local',
+               '--tasks-per-node', 2, '--gpus-per-node', 0, '--wait', timeout=50)
+    assert proc.returncode != 0
+    assert 'optimization.max_step' in proc.stdout + proc.stderr
+    assert not logs.exists(), 'nothing should be submitted'
+
+    # --batch-launch: every listed config is validated before any is submitted
+    good = write_config(tmp_path / 'good.yaml', ddp_params(tmp_path / 'out2'))
+    batch = tmp_path / 'batch.yaml'
+    batch.write_text(f'- {good}\n- {fname}\n')
+    proc = run('main_distributed.py', '--batch-launch', '--fname', batch, '--folder', logs, '--cluster', 'local',
+               '--gpus-per-node', 0, timeout=50)
+    assert proc.returncode != 0
+    assert 'optimization.max_step' in proc.stderr and str(fname) in proc.stderr
+    assert not logs.exists() and not (tmp_path / 'out2').exists()
