@@ -83,6 +83,27 @@ def timed(step_fn, batch, step, device):
     return (time.perf_counter() - t0) * 1000.
 
 
+def step_flops(step_fn, batch):
+    """FLOPs of one step, counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step_fn(batch, 0)
+    return counter.get_total_flops()
+
+
+def matmul_gflops(device, n=2048, repeats=5):
+    """The machine's fp32 matmul rate (GFLOP/s) on n x n matrices: the floor is step FLOPs / this rate."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float('inf')
+    for _ in range(repeats):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Time the full training step of a config.')
     parser.add_argument('--fname', required=True, help='config file')
@@ -94,6 +115,8 @@ def main(argv=None):
     parser.add_argument('--ijepa-ref', default=None, help='path to a facebookresearch/ijepa checkout: also time '
                         'its encoder and predictor in the same step')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: all cores)')
+    parser.add_argument('--flops', action='store_true', help='also count the step FLOPs and compare the step time '
+                        'with FLOPs / measured matmul rate')
     args = parser.parse_args(argv)
 
     cfg = load_config(args.fname)
@@ -136,6 +159,14 @@ def main(argv=None):
     for name, t in times.items():
         print(f'{name:<8}{median[name]:>12.1f}{min(t):>10.1f}{B * 1000. / median[name]:>12.1f}'
               f'{median[name] / median["ours"]:>10.2f}')
+    if args.flops:   # masks differ between batches: count each timed batch, compare totals
+        counter_step = copy.deepcopy(runs['ours'])
+        flops = [step_flops(counter_step, b) for b in batches[args.warmup:]]
+        rate = matmul_gflops(device)
+        floor_ms = sum(flops) / rate / 1e6
+        print(f'step FLOPs {sum(flops) / len(flops) / 1e9:.1f} G (mean); matmul rate {rate:.1f} GFLOP/s; '
+              f'time at that rate {floor_ms / len(flops):.1f} ms/step; '
+              + ', '.join(f'{name} reaches {100 * floor_ms / sum(t):.0f}%' for name, t in times.items()) + ' of it')
     print(f'step_ms={median["ours"]:.1f} images_per_s={B * 1000. / median["ours"]:.1f}')
     return 0
 
