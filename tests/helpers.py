@@ -1,6 +1,7 @@
 """Shared helpers for the tests: a tiny config that trains in seconds on a CPU."""
 import copy
 
+import torch
 import yaml
 
 TINY = {
@@ -29,3 +30,23 @@ def write_config(path, params):
     with open(path, 'w') as f:
         yaml.safe_dump(params, f)
     return str(path)
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def read_csv(path):
+    """(header, rows as dicts) of a training CSV log."""
+    with open(path) as f:
+        header = f.readline().strip().split(',')
+        rows = [dict(zip(header, line.strip().split(','))) for line in f if line.strip()]
+    return header, rows
+
+
+def assert_same_weights(a, b):
+    """Two checkpoints hold exactly the same encoder, predictor and target encoder."""
+    for key in ('encoder', 'predictor', 'target_encoder'):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs'

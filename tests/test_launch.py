@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import tiny_params, write_config
+from tests.helpers import assert_same_weights, load, read_csv, tiny_params, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IJEPA_COLUMNS = ['epoch', 'itr', 'loss', 'mask-A', 'mask-B', 'time (ms)']
@@ -20,24 +20,6 @@ def run(script, *args, timeout=120):
            if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def read_csv(path):
-    with open(path) as f:
-        header = f.readline().strip().split(',')
-        rows = [dict(zip(header, line.strip().split(','))) for line in f if line.strip()]
-    return header, rows
-
-
-def assert_same_weights(a, b):
-    for key in ('encoder', 'predictor', 'target_encoder'):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs between ranks'
 
 
 def ddp_params(folder, **overrides):

@@ -8,30 +8,12 @@ import torch
 from src.objectives.ijepa import IJEPA
 from src.train import NonFiniteLossError, main as train_main
 from src.utils.schedulers import CosineWDSchedule, WarmupCosineSchedule
-from tests.helpers import tiny_params
+from tests.helpers import assert_same_weights, load, read_csv, tiny_params
 
 pytestmark = pytest.mark.timeout(180)
 
 IJEPA_KEYS = {'encoder', 'predictor', 'target_encoder', 'opt', 'scaler', 'epoch', 'loss', 'batch_size',
               'world_size', 'lr'}
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def read_csv(path):
-    with open(path) as f:
-        header = f.readline().strip().split(',')
-        rows = [dict(zip(header, line.strip().split(','))) for line in f if line.strip()]
-    return header, rows
-
-
-def assert_same_weights(a, b):
-    for key in ('encoder', 'predictor', 'target_encoder'):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs'
 
 
 def test_checkpoint_and_csv_follow_ijepa(tmp_path):

@@ -1,4 +1,3 @@
-import torch
 import torch.nn as nn
 
 from src.masks.utils import apply_masks  # noqa: F401  (ijepa also exposes it here)
