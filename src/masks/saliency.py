@@ -1,0 +1,123 @@
+# DSeq-JEPA saliency and regions (He et al., arXiv 2511.17354, Sec. 3.2 and Alg. 1).
+#
+# Step side (on the training device, vectorised over the batch, no host synchronisation on CUDA):
+#   cls_similarity_saliency  paper Eq. 1: patch features of block l . [CLS] / sqrt(D)
+#   select_regions           paper Eq. 2-3: min-max normalise, 8-bit Otsu (OpenCV's rule), 8-connected
+#                            components, area filter, rank by mean saliency, top N-1 + background
+# Collator side (data-loader workers, see DSeqCollator): random boxes and Bernoulli draws of the curriculum.
+#
+# Dimensions: B batch, N patches (gh * gw, raster order), R regions (num_regions), D width.
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+def cls_similarity_saliency(patch_features, cls_token):
+    """Paper Eq. 1: score of each patch = <normalised patch feature, [CLS] parameter> / sqrt(D).
+
+    patch_features: [B, N, D] (already normalised by the encoder's final LayerNorm)
+    cls_token:      [1, 1, D] the encoder's learnable [CLS] token (the parameter, not its output)
+    returns         [B, N] float32
+    """
+    D = patch_features.shape[-1]
+    return (patch_features.float() @ cls_token.float().reshape(D, 1)).squeeze(-1) / math.sqrt(D)
+
+
+def normalise_saliency(saliency):
+    """Per-image min-max normalisation, s = (a - min) / (max - min + 1e-6): [B, N] float32 in [0, 1)."""
+    saliency = saliency.float()
+    lo = saliency.amin(dim=1, keepdim=True)
+    hi = saliency.amax(dim=1, keepdim=True)
+    return (saliency - lo) / (hi - lo + 1e-6)
+
+
+def otsu_threshold(u):
+    """Otsu threshold of each row of the 8-bit maps `u` [B, N] (values 0..255): [B] long; foreground is u > t.
+
+    OpenCV's rule (THRESH_OTSU, reference C++ path): t maximises the between-class variance
+    q1 * q2 * (mu1 - mu2)^2 over the thresholds that leave both classes non-empty; the first (smallest) t wins
+    among equal maxima; 0 if no threshold separates anything. The variance is computed from integer counts
+    (exact in float64), N^2 * sigma = (M * n1 - N * M1)^2 / (n1 * n2), so that mathematically equal variances
+    compare equal (OpenCV's floating-point recurrence, and its IPP path, can break such exact ties either way).
+    """
+    B, N = u.shape
+    hist = torch.zeros(B, 256, dtype=torch.float64, device=u.device)
+    hist.scatter_add_(1, u.long(), torch.ones(B, N, dtype=torch.float64, device=u.device))
+    n1 = hist.cumsum(dim=1)                                               # pixels with u <= t
+    m1 = (hist * torch.arange(256, dtype=torch.float64, device=u.device)).cumsum(dim=1)   # their sum of levels
+    diff = m1[:, -1:] * n1 - N * m1                                       # exact integers: |.| <= 255 N^2
+    den = n1 * (N - n1)                                                   # 0 where a class is empty
+    sigma = (diff * diff / den).nan_to_num(nan=0., posinf=0.)             # 0/0 and x/0 -> no candidate
+    best, t = sigma.max(dim=1)                                            # first maximum
+    return t * (best > 0)
+
+
+def _neighbour_min(labels):
+    """Smallest value in each 3x3 neighbourhood of [B, gh, gw] (outside the grid counts as +inf)."""
+    padded = F.pad(labels, (1, 1, 1, 1), value=math.inf)                   # (B, gh+2, gw+2)
+    rows = torch.minimum(torch.minimum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])        # (B, gh, gw+2)
+    return torch.minimum(torch.minimum(rows[:, :, :-2], rows[:, :, 1:-1]), rows[:, :, 2:])     # (B, gh, gw)
+
+
+def connected_components(foreground, grid_size, max_rounds=None):
+    """8-connected components of each image's foreground: [B, N] long, the smallest raster index of the pixel's
+    component (its first patch), or N for background.
+
+    Min-label propagation over 3x3 neighbourhoods with pointer jumping, vectorised over the batch. On the CPU
+    it stops as soon as the labels stop changing; on other devices it runs a fixed number of rounds that
+    suffices for any map (N, the longest possible path), so that it never synchronises with the host.
+    """
+    B, N = foreground.shape
+    gh, gw = grid_size
+    # background pixels hold N: `floor` (N on background, 0 elsewhere) keeps them there through every minimum
+    floor = (~foreground).float() * N                                       # (B, N)
+    labels = torch.maximum(torch.arange(N, device=foreground.device, dtype=torch.float32).expand(B, N), floor)
+    check = foreground.device.type == 'cpu' if max_rounds is None else False
+    for _ in range(N if max_rounds is None else max_rounds):
+        # -- propagate: the smallest label among the 8 neighbours
+        new = torch.maximum(_neighbour_min(labels.view(B, gh, gw)).view(B, N), floor)
+        # -- jump twice: take the label of the pixel named by my label (it is in my component)
+        for _ in range(2):
+            new = torch.maximum(torch.minimum(new, new.gather(1, new.long().clamp_max_(N - 1))), floor)
+        if check and torch.equal(new, labels):
+            break
+        labels = new
+    return labels.long()
+
+
+def select_regions(saliency, grid_size, num_regions, min_area):
+    """DSeq-JEPA's ordered regions from raw patch scores (paper Sec. 3.2; SPEC section 4 step 2).
+
+    saliency:    float [B, N], N = grid_size[0] * grid_size[1], raster order
+    num_regions: R; the R - 1 most salient components, then the background
+    min_area:    components with fewer than min_area * N patches are dropped (paper alpha = 0.15)
+    returns      bool [B, R, N]: regions[b, k, p] is True if patch p belongs to region k of image b. Regions
+                 1..R-1 are the kept components ranked by mean normalised saliency (descending; ties by the
+                 raster order of their first patch), empty where an image has fewer; region R is the
+                 complement of their union. Regions are disjoint and cover the image.
+    """
+    B, N = saliency.shape
+    gh, gw = grid_size
+    if gh * gw != N:
+        raise ValueError(f'saliency has {N} patches, grid {gh}x{gw} has {gh * gw}')
+    if num_regions < 2:
+        raise ValueError(f'num_regions must be at least 2, got {num_regions}')
+    s = normalise_saliency(saliency)                                       # (B, N) in [0, 1)
+    u = (s * 255).floor().to(torch.uint8)                                  # 8-bit map, as OpenCV sees it
+    foreground = u > otsu_threshold(u).unsqueeze(1).to(torch.uint8)
+    roots = connected_components(foreground, grid_size)                    # (B, N), N for background
+    # -- per-component area and mean saliency, indexed by the component's first patch
+    slot = roots.clamp_max(N)                                              # background -> slot N (dropped)
+    area = torch.zeros(B, N + 1, dtype=torch.float64, device=s.device).scatter_add_(
+        1, slot, torch.ones_like(s, dtype=torch.float64))[:, :N]
+    total = torch.zeros(B, N + 1, dtype=torch.float64, device=s.device).scatter_add_(
+        1, slot, s.double())[:, :N]
+    kept = area >= min_area * N
+    score = torch.where(kept, total / area.clamp_min(1.), torch.full_like(total, -math.inf))
+    # -- rank: stable sort keeps raster order among equal scores
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_regions - 1]   # (B, R-1)
+    valid = kept.gather(1, order)                                          # (B, R-1)
+    salient = (roots.unsqueeze(1) == order.unsqueeze(2)) & valid.unsqueeze(2)   # (B, R-1, N)
+    background = ~salient.any(dim=1, keepdim=True)                         # (B, 1, N)
+    return torch.cat([salient, background], dim=1)                         # (B, R, N)
