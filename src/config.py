@@ -97,18 +97,39 @@ class LoggingConfig:
 
 
 @dataclass
+class DSeqConfig:
+    """DSeq-JEPA (meta.method: dseq); see docs/dseq.md for each key's equation or table in the paper."""
+    num_regions: int = 5                 # N: the N - 1 most salient regions, then the background
+    min_region_area: float = 0.15        # alpha: drop components smaller than alpha * patches
+    saliency: str = 'cls_similarity'     # cls_similarity (paper Eq. 1) | cls_attention
+    saliency_block: Optional[int] = None  # block l whose output scores the patches (1-based); None: 10/12 of depth
+    saliency_layers: str = 'last'        # cls_attention: average the [CLS] attention of the 'last' or 'all' blocks
+    regions: str = 'components'          # components (paper) | random_blocks (I-JEPA-style boxes, no saliency)
+    prediction: str = 'sequential'       # sequential (paper Eq. 5) | chained | flat
+    order: str = 'descending'            # descending (paper) | ascending | random | spatial
+    max_targets: Optional[int] = None    # predict only the first k targets of the sequence (truncation)
+    lambda_start: float = 0.0            # curriculum: probability of keeping a salient region, rising linearly
+    lambda_end: float = 1.0
+    curriculum: str = 'per_region'       # per_region (paper Alg. 1) | per_iteration (official code)
+    fill_empty_regions: bool = True      # a missing salient region is a random box (keeps every image trained)
+    loss_reduction: str = 'per_region'   # per_region: per-step mean, summed over steps | pooled: mean of tokens
+    loss_beta: float = 1.0               # smooth-L1 beta
+
+
+@dataclass
 class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dseq: DSeqConfig = field(default_factory=DSeqConfig)
 
     def to_dict(self):
         return _to_plain(dataclasses.asdict(self))
 
 
-METHODS = ('ijepa',)
+METHODS = ('ijepa', 'dseq')
 DATASETS = ('imagenet', 'imagefolder', 'fashion_mnist', 'synthetic')
 
 
@@ -215,9 +236,30 @@ def _validate(cfg):
         (cfg.logging.checkpoint_steps is None or cfg.logging.checkpoint_steps >= 1, 'logging.checkpoint_steps',
          'null or >= 1'),
     ]
+    d = cfg.dseq
+    checks += [
+        (d.num_regions >= 2, 'dseq.num_regions', 'at least 2'),
+        (0. <= d.min_region_area < 1., 'dseq.min_region_area', 'in [0, 1)'),
+        (d.saliency in ('cls_similarity', 'cls_attention'), 'dseq.saliency', "'cls_similarity' or 'cls_attention'"),
+        (d.saliency_layers in ('last', 'all'), 'dseq.saliency_layers', "'last' or 'all'"),
+        (d.regions in ('components', 'random_blocks'), 'dseq.regions', "'components' or 'random_blocks'"),
+        (d.prediction in ('sequential', 'chained', 'flat'), 'dseq.prediction', "'sequential', 'chained' or 'flat'"),
+        (d.order in ('descending', 'ascending', 'random', 'spatial'), 'dseq.order',
+         "'descending', 'ascending', 'random' or 'spatial'"),
+        (d.max_targets is None or d.max_targets >= 1, 'dseq.max_targets', 'null or >= 1'),
+        (0. <= d.lambda_start <= 1. and 0. <= d.lambda_end <= 1., 'dseq.lambda_start/lambda_end', 'in [0, 1]'),
+        (d.curriculum in ('per_region', 'per_iteration'), 'dseq.curriculum', "'per_region' or 'per_iteration'"),
+        (d.loss_reduction in ('per_region', 'pooled'), 'dseq.loss_reduction', "'per_region' or 'pooled'"),
+        (d.loss_beta > 0, 'dseq.loss_beta', '> 0'),
+    ]
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f'{key} must be {expected}')
+    depth = VIT_SIZES[cfg.meta.model_name]['depth']
+    if d.saliency_block is not None and not 1 <= d.saliency_block <= depth:
+        raise ConfigError(f'dseq.saliency_block must be in 1..{depth} for {cfg.meta.model_name}')
+    if cfg.meta.method == 'dseq' and d.regions == 'components' and not cfg.meta.use_cls_token:
+        raise ConfigError(f'dseq.saliency={d.saliency} needs the [CLS] token: set meta.use_cls_token: true')
     heads = VIT_SIZES[cfg.meta.model_name]['num_heads']
     if cfg.meta.pred_emb_dim % heads != 0:
         raise ConfigError(f'meta.pred_emb_dim={cfg.meta.pred_emb_dim} must be divisible by the {heads} attention '

@@ -46,6 +46,8 @@ def to_device(x, device):
         return x.to(device, non_blocking=True)
     if isinstance(x, (list, tuple)):
         return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
     return x
 
 
@@ -186,6 +188,8 @@ def main(args, resume_preempt=False, device=None):
     loader = TrainLoader(make_dataset(data, transform), data.batch_size, collator, world_size=world_size,
                          rank=rank, seed=meta.seed, num_workers=data.num_workers, pin_mem=data.pin_mem)
     ipe = len(loader)
+    if hasattr(collator, 'set_total_steps'):      # e.g. DSeq-JEPA's curriculum spans the whole run
+        collator.set_total_steps(ipe * opt_cfg.epochs)
 
     # -- optimiser and schedules
     optimizer, scaler, _, _ = init_opt(

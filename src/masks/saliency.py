@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from src.masks.utils import BatchCounter, seed_from
+
 def cls_similarity_saliency(patch_features, cls_token):
     """Paper Eq. 1: score of each patch = <normalised patch feature, [CLS] parameter> / sqrt(D).
 
@@ -121,3 +123,75 @@ def select_regions(saliency, grid_size, num_regions, min_area):
     salient = (roots.unsqueeze(1) == order.unsqueeze(2)) & valid.unsqueeze(2)   # (B, R-1, N)
     background = ~salient.any(dim=1, keepdim=True)                         # (B, 1, N)
     return torch.cat([salient, background], dim=1)                         # (B, R, N)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Collator side: the random draws of DSeq-JEPA's curriculum, made in the data-loader workers
+# --------------------------------------------------------------------------------------------------------------
+
+def random_boxes(B, K, grid_size, scale, aspect_ratio, generator=None):
+    """K random boxes per image as bool masks [B, K, N], sized like I-JEPA's target blocks (one uniform draw sets
+    both scale and aspect ratio) and placed uniformly (touching any edge)."""
+    gh, gw = grid_size
+    r = torch.rand(B, K, generator=generator)
+    area = (gh * gw * (scale[0] + r * (scale[1] - scale[0]))).floor()
+    aspect = aspect_ratio[0] + r * (aspect_ratio[1] - aspect_ratio[0])
+    h = (area * aspect).sqrt().round().clamp(1, gh)                        # (B, K)
+    w = (area / aspect).sqrt().round().clamp(1, gw)
+    top = (torch.rand(B, K, generator=generator) * (gh - h + 1)).floor()
+    left = (torch.rand(B, K, generator=generator) * (gw - w + 1)).floor()
+    rows = torch.arange(gh).view(1, 1, gh)
+    cols = torch.arange(gw).view(1, 1, gw)
+    in_rows = (rows >= top.unsqueeze(-1)) & (rows < (top + h).unsqueeze(-1))   # (B, K, gh)
+    in_cols = (cols >= left.unsqueeze(-1)) & (cols < (left + w).unsqueeze(-1))  # (B, K, gw)
+    return (in_rows.unsqueeze(-1) & in_cols.unsqueeze(-2)).flatten(2)          # (B, K, N)
+
+
+class DSeqCollator(BatchCounter):
+    """Collate a batch and draw what DSeq-JEPA's step needs besides the images (paper Alg. 1):
+
+    boxes       bool [B, R-1, N]  one random box per salient-region slot (the curriculum's replacement)
+    keep        bool [B, R-1]     True: the slot keeps its salient region (Bernoulli(lambda), per region or once
+                                  per batch); always False for the 'random_blocks' generator
+    order_noise float [B, R-1]    random keys for order: random
+    lambda      float []          the curriculum's lambda at this step: lambda_start -> lambda_end linearly
+    Draws come from a generator seeded by (seed, rank, step), so they do not depend on workers or restarts.
+    Returns (collated_batch, draws).
+    """
+
+    def __init__(self, input_size, patch_size, num_regions, box_scale, box_aspect_ratio, lambda_start=0.,
+                 lambda_end=1., curriculum='per_region', regions='components', total_steps=1, seed=0, rank=0):
+        super().__init__(deterministic=True)
+        size = input_size if isinstance(input_size, (tuple, list)) else (input_size, input_size)
+        self.grid_size = (size[0] // patch_size, size[1] // patch_size)
+        self.num_regions = num_regions
+        self.box_scale, self.box_aspect_ratio = tuple(box_scale), tuple(box_aspect_ratio)
+        self.lambda_start, self.lambda_end = lambda_start, lambda_end
+        self.curriculum = curriculum
+        self.regions = regions
+        self.total_steps = total_steps
+        self.seed, self.rank = seed, rank
+
+    def set_total_steps(self, total_steps):
+        """The step at which lambda reaches lambda_end (the training loop sets it once it knows the epochs)."""
+        self.total_steps = max(1, int(total_steps))
+
+    def lambda_at(self, step):
+        return self.lambda_start + (self.lambda_end - self.lambda_start) * min(1., step / self.total_steps)
+
+    def __call__(self, batch):
+        B, K = len(batch), self.num_regions - 1
+        collated = torch.utils.data.default_collate(batch)
+        step = self.next_batch_step()
+        g = torch.Generator().manual_seed(seed_from(self.seed, self.rank, step, 1))
+        lam = self.lambda_at(step)
+        boxes = random_boxes(B, K, self.grid_size, self.box_scale, self.box_aspect_ratio, generator=g)
+        if self.regions == 'random_blocks':
+            keep = torch.zeros(B, K, dtype=torch.bool)
+        elif self.curriculum == 'per_iteration':
+            keep = (torch.rand(1, 1, generator=g) < lam).expand(B, K).clone()
+        else:
+            keep = torch.rand(B, K, generator=g) < lam
+        draws = {'boxes': boxes, 'keep': keep, 'order_noise': torch.rand(B, K, generator=g),
+                 'lambda': torch.tensor(lam)}
+        return collated, draws

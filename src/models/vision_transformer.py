@@ -276,16 +276,31 @@ class VisionTransformer(nn.Module):
             grid_size = (side, side)
         return interpolate_pos_embed(pos_embed, self.grid_size, grid_size)
 
-    def prepare_tokens(self, x, masks=None):
-        """Patchify, add position embeddings, keep the `masks` tokens and prepend [CLS]: [B', P + K, D]."""
+    def prepare_tokens(self, x, masks=None, image_index=None):
+        """Patchify, add position embeddings, keep the `masks` tokens and prepend [CLS]: [B', P + K, D].
+
+        image_index: optional LongTensor [M]; then `masks` is one LongTensor [M, K] whose row m keeps tokens of
+        image image_index[m] (several token sets per image, e.g. DSeq-JEPA's steps), and B' = M.
+        """
         grid = (x.shape[-2] // self.patch_embed.patch_size, x.shape[-1] // self.patch_embed.patch_size)
         x = self.patch_embed(x)                                               # (B, N, D)
         x = x + self.interpolate_pos_encoding(x, self.pos_embed, grid)
-        if masks is not None:
+        if image_index is not None:
+            ids = masks[0] if isinstance(masks, list) else masks              # (M, K)
+            x = x[image_index].gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))   # (M, K, D)
+        elif masks is not None:
             x = apply_masks(x, masks if isinstance(masks, list) else [masks])  # (len(masks)*B, K, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B', 1 + K, D)
         return x
+
+    def key_padding_mask(self, key_valid):
+        """[B', K] bool (False = padding) -> attention mask [B', 1, 1, P + K] (True = may attend)."""
+        if key_valid is None:
+            return None
+        if self.num_prefix_tokens:
+            key_valid = F.pad(key_valid, (self.num_prefix_tokens, 0), value=True)
+        return key_valid[:, None, None, :]
 
     def forward_features(self, x, masks=None, return_blocks=(), return_cls_attn=(), attn_mask=None):
         """Encoder pass that also returns what DSeq-JEPA needs, without a second pass.
@@ -318,10 +333,17 @@ class VisionTransformer(nn.Module):
         x = self.norm(x)
         return {'x': x[:, P:], 'cls': x[:, 0] if P else None, 'blocks': blocks, 'cls_attn': cls_attn}
 
-    def forward(self, x, masks=None):
-        x = self.prepare_tokens(x, masks)
+    def forward(self, x, masks=None, image_index=None, key_valid=None):
+        """Final normalised patch tokens of the kept tokens, [B', K, D].
+
+        image_index / key_valid (optional, see prepare_tokens): token sets of varying size, padded to K; padding
+        (key_valid False) is never attended to and its outputs are meaningless. This is token dropping: tokens
+        outside `masks` never enter the encoder.
+        """
+        x = self.prepare_tokens(x, masks, image_index)
+        attn_mask = self.key_padding_mask(key_valid)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, attn_mask=attn_mask)
         return self.norm(x)[:, self.num_prefix_tokens:]
 
 
@@ -381,7 +403,9 @@ class VisionTransformerPredictor(nn.Module):
         init_weights(self, self.predictor_blocks, init_std=init_std, init_rescale=init_rescale)
         trunc_normal_(self.mask_token, std=init_std)
 
-    def forward(self, x, masks_x, masks):
+    def forward(self, x, masks_x, masks, context_valid=None, target_valid=None):
+        """context_valid [B, K_ctx] / target_valid [B, K_tgt] (optional, one context and one target set): False
+        marks padding, which no token attends to."""
         if masks is None or masks_x is None:
             raise ValueError('the predictor needs context (masks_x) and target (masks) indices')
         masks_x = masks_x if isinstance(masks_x, list) else [masks_x]
@@ -395,8 +419,16 @@ class VisionTransformerPredictor(nn.Module):
         pred_tokens = apply_masks(pos, masks)                                 # (npred*B, K_tgt, Dp)
         pred_tokens = repeat_interleave_batch(pred_tokens, B, repeat=len(masks_x)) + self.mask_token
         x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)       # (npred*nenc*B, K_ctx+K_tgt, Dp)
+        attn_mask = None
+        if context_valid is not None or target_valid is not None:
+            if len(masks) != 1 or len(masks_x) != 1:
+                raise ValueError('padding masks need one context and one target set per row')
+            ctx = context_valid if context_valid is not None else x.new_ones(x.shape[0], N_ctxt, dtype=torch.bool)
+            tgt = target_valid if target_valid is not None else x.new_ones(x.shape[0], x.shape[1] - N_ctxt,
+                                                                          dtype=torch.bool)
+            attn_mask = torch.cat([ctx, tgt], dim=1)[:, None, None, :]           # (B, 1, 1, K_ctx+K_tgt)
         for blk in self.predictor_blocks:
-            x = blk(x)
+            x = blk(x, attn_mask=attn_mask)
         x = self.predictor_norm(x[:, N_ctxt:])
         return self.predictor_proj(x)                                         # (npred*nenc*B, K_tgt, D)
 

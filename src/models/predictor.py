@@ -1,0 +1,106 @@
+# DSeq-JEPA's sequential prediction (paper Eq. 5) on top of the I-JEPA encoder and predictor.
+#
+# Given ordered disjoint regions R_1..R_R per image, step k (k = 1..R-1) predicts R_{k+1}:
+#   sequential  the context encoder sees exactly R_1 u ... u R_k (token dropping); the predictor sees their
+#               encodings and mask tokens at R_{k+1}                                   (paper, default)
+#   flat        every step uses the first context R_1 (all targets in parallel, as I-JEPA does)
+#   chained     the context encoder sees R_1 once; step k's predictor also sees its own predictions for
+#               R_2..R_k, and gradients flow through that chain
+# Steps with an empty target (or an empty context) carry no loss and are skipped.
+#
+# Dimensions: B images, S = R - 1 steps, N patches, M (image, step) pairs kept, L / T padded context / target
+# length, D encoder width. `_mask` tensors are bool with True = the token belongs to the set; `_valid` marks the
+# real (non-padding) entries of a padded id tensor.
+
+import torch
+
+
+def plan_steps(regions, prediction='sequential', max_steps=None):
+    """Context and target masks of every step: (context_mask, target_mask), bool [B, S, N].
+
+    regions: bool [B, R, N], disjoint, in prediction order (R_1 is context only, never a target).
+    """
+    if prediction == 'sequential':
+        context = regions[:, :-1].cumsum(dim=1) > 0                        # R_1 u ... u R_k
+    elif prediction in ('flat', 'chained'):
+        context = regions[:, :1].expand(-1, regions.shape[1] - 1, -1)     # R_1 at every step
+    else:
+        raise ValueError(f'unknown prediction mode {prediction!r}')
+    target = regions[:, 1:]
+    if max_steps is not None:
+        context, target = context[:, :max_steps], target[:, :max_steps]
+    return context, target
+
+
+def pack(masks):
+    """Bool masks [M, N] -> (ids [M, K] LongTensor of the True positions in raster order, then padding;
+    valid [M, K] bool), K the largest count. Reading K from the device is the one host synchronisation."""
+    counts = masks.sum(dim=1)                                              # (M,)
+    K = max(int(counts.max()), 1)
+    ids = torch.sort((~masks).to(torch.uint8), dim=1, stable=True).indices[:, :K]   # True positions first
+    valid = torch.arange(K, device=masks.device).unsqueeze(0) < counts.unsqueeze(1)
+    return ids, valid
+
+
+def gather_tokens(x, ids):
+    """x [M, N, D], ids [M, K] -> [M, K, D]."""
+    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def predict_pairs(encoder, predictor, imgs, context_mask, target_mask):
+    """Encode each kept (image, step) pair's context by token dropping and predict its target.
+
+    context_mask / target_mask: bool [B, S, N]. Returns (predictions [M, T, D], target ids [M, T],
+    target valid [M, T], image index [M]); pairs whose context or target is empty are left out.
+    """
+    kept = context_mask.any(dim=2) & target_mask.any(dim=2)                # (B, S)
+    image_index, step_index = kept.nonzero(as_tuple=True)                  # (M,), (M,)
+    ctx_ids, ctx_valid = pack(context_mask[image_index, step_index])      # (M, L)
+    tgt_ids, tgt_valid = pack(target_mask[image_index, step_index])       # (M, T)
+    z = encoder(imgs, masks=[ctx_ids], image_index=image_index, key_valid=ctx_valid)             # (M, L, D)
+    preds = predictor(z, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid)  # (M, T, D)
+    return preds, tgt_ids, tgt_valid, image_index
+
+
+def _pad_tokens(t, T, value):
+    """Pad dimension 1 of [B, K] or [B, K, D] to length T."""
+    pad = (0, 0, 0, T - t.shape[1]) if t.dim() == 3 else (0, T - t.shape[1])
+    return torch.nn.functional.pad(t, pad, value=value)
+
+
+def predict_chained(encoder, predictor, imgs, context_mask, target_mask):
+    """Chained mode: one context pass on R_1, then the steps in order, each seeing the earlier predictions.
+
+    Returns the same as `predict_pairs` (pairs ordered step by step)."""
+    B, S, N = target_mask.shape
+    first = context_mask[:, 0]                                             # R_1, (B, N)
+    ctx_ids, ctx_valid = pack(first)                                       # (B, L)
+    z = encoder(imgs, masks=[ctx_ids], key_valid=ctx_valid)                # (B, L, D)
+    D = z.shape[-1]
+    canvas = z.new_zeros(B, N, D)                                          # predicted features so far
+    predicted = torch.zeros_like(first)                                    # (B, N) True where predicted
+    outputs = []
+    for k in range(S):
+        tgt_ids, tgt_valid = pack(target_mask[:, k])                       # (B, T)
+        extra_ids, extra_valid = pack(predicted) if k > 0 else (None, None)
+        if extra_ids is not None and bool(extra_valid.any()):
+            x = torch.cat([z, gather_tokens(canvas, extra_ids)], dim=1)    # context + own predictions
+            x_ids = torch.cat([ctx_ids, extra_ids], dim=1)
+            x_valid = torch.cat([ctx_valid, extra_valid], dim=1)
+        else:
+            x, x_ids, x_valid = z, ctx_ids, ctx_valid
+        preds = predictor(x, [x_ids], [tgt_ids], context_valid=x_valid, target_valid=tgt_valid)  # (B, T, D)
+        outputs.append((preds, tgt_ids, tgt_valid & first.any(dim=1, keepdim=True)))
+        # -- write this step's predictions onto the canvas (differentiably) for the later steps
+        scatter_ids = tgt_ids.masked_fill(~tgt_valid, 0)
+        write = torch.zeros_like(canvas).scatter(1, scatter_ids.unsqueeze(-1).expand(-1, -1, D),
+                                                 preds * tgt_valid.unsqueeze(-1))
+        written = torch.zeros_like(predicted).scatter(1, scatter_ids, tgt_valid)
+        canvas = torch.where(written.unsqueeze(-1), write, canvas)
+        predicted = predicted | written
+    T = max(p.shape[1] for p, _, _ in outputs)
+    preds = torch.cat([_pad_tokens(p, T, 0.) for p, _, _ in outputs])     # (S*B, T, D)
+    ids = torch.cat([_pad_tokens(i, T, 0) for _, i, _ in outputs])
+    valid = torch.cat([_pad_tokens(v, T, False) for _, _, v in outputs])
+    image_index = torch.arange(B, device=imgs.device).repeat(S)
+    return preds, ids, valid, image_index

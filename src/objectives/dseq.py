@@ -1,0 +1,145 @@
+# The DSeq-JEPA objective (He et al., arXiv 2511.17354): predict the target encoder's features of saliency-ordered
+# regions one after the other, each from the regions before it.
+#
+# Per batch (paper Alg. 1):
+#   encode_target   full-image target-encoder pass; its block-l output also gives the saliency (no extra pass)
+#   make_regions    select_regions -> order -> curriculum (random boxes) -> disjoint regions + background
+#   plan_steps      context / target of every step (src/models/predictor.py)
+#   predict         token-dropping context passes and the predictor
+#   loss            smooth-L1 against the LayerNorm'd target features of each target region
+#
+# Dimensions: B images, R regions, S = R - 1 steps, N patches, M kept (image, step) pairs, T target tokens, D width.
+
+import torch
+import torch.nn.functional as F
+
+from src.helper import unwrap
+from src.masks.saliency import DSeqCollator, cls_similarity_saliency, select_regions
+from src.models.predictor import gather_tokens, plan_steps, predict_chained, predict_pairs
+
+
+def default_saliency_block(depth):
+    """Block whose output scores the patches: 10 of 12 for ViT-B (paper), the same fraction of other depths."""
+    return max(1, round(depth * 10 / 12))
+
+
+def make_dseq_collator(cfg, rank=0):
+    d = cfg.dseq
+    return DSeqCollator(
+        input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size, num_regions=d.num_regions,
+        box_scale=cfg.mask.pred_mask_scale, box_aspect_ratio=cfg.mask.aspect_ratio, lambda_start=d.lambda_start,
+        lambda_end=d.lambda_end, curriculum=d.curriculum, regions=d.regions, seed=cfg.meta.seed, rank=rank)
+
+
+def order_slots(salient, order, noise):
+    """Reorder the salient slots [B, K, N] (ranked by mean saliency) per `order`; empty slots go last."""
+    B, K, N = salient.shape
+    rank = torch.arange(K, device=salient.device, dtype=torch.float32).expand(B, K)
+    if order == 'descending':
+        key = rank
+    elif order == 'ascending':
+        key = -rank
+    elif order == 'random':
+        key = noise.float()
+    elif order == 'spatial':     # raster order of each region's first patch
+        key = torch.where(salient.any(dim=2), salient.float().argmax(dim=2).float(), float(N))
+    else:
+        raise ValueError(f'unknown order {order!r}')
+    key = torch.where(salient.any(dim=2), key, torch.full_like(key, float('inf')))
+    perm = torch.sort(key, dim=1, stable=True).indices                     # (B, K)
+    return salient.gather(1, perm.unsqueeze(-1).expand(-1, -1, N))
+
+
+def apply_curriculum(salient, boxes, keep, fill_empty=True):
+    """Paper Alg. 1: slot k keeps its salient region with probability lambda (`keep`), else a random box; an empty
+    salient slot becomes its box too when `fill_empty`. Each region then loses what earlier regions took, and
+    the background (last region) is what is left: [B, K + 1, N], disjoint, covering the image."""
+    use_box = ~keep
+    if fill_empty:
+        use_box = use_box | ~salient.any(dim=2)
+    chosen = torch.where(use_box.unsqueeze(-1), boxes, salient)            # (B, K, N)
+    taken = torch.zeros_like(chosen[:, 0])
+    regions = []
+    for k in range(chosen.shape[1]):
+        region = chosen[:, k] & ~taken
+        regions.append(region)
+        taken = taken | region
+    regions.append(~taken)
+    return torch.stack(regions, dim=1), use_box
+
+
+class DSeqJEPA:
+    """Loss of one batch, with the statistics logged after ijepa's CSV columns."""
+
+    name = 'dseq'
+    csv_columns = ('lambda', 'salient_regions', 'region_size', 'random_boxes', 'steps')
+
+    def __init__(self, cfg, encoder, predictor, target_encoder):
+        self.cfg = cfg.dseq
+        self.encoder = encoder
+        self.predictor = predictor
+        self.target_encoder = target_encoder
+        self.grid_size = unwrap(target_encoder).grid_size
+        self.saliency_block = self.cfg.saliency_block or default_saliency_block(unwrap(target_encoder).depth)
+
+    @staticmethod
+    def make_collator(cfg, rank=0):
+        return make_dseq_collator(cfg, rank)
+
+    def encode_target(self, imgs):
+        """Target features (LayerNorm'd, [B, N, D]) and patch saliency ([B, N]) from one target-encoder pass."""
+        target = self.target_encoder
+        if self.cfg.saliency == 'cls_similarity':
+            out = target.forward_features(imgs, return_blocks=(self.saliency_block,))
+            feats = target.norm(out['blocks'][self.saliency_block])           # normalised block-l patch features
+            saliency = cls_similarity_saliency(feats, target.cls_token)
+        else:   # cls_attention: [CLS]-to-patch attention, averaged over heads (and blocks)
+            blocks = range(1, target.depth + 1) if self.cfg.saliency_layers == 'all' else (target.depth,)
+            out = target.forward_features(imgs, return_cls_attn=tuple(blocks))
+            saliency = torch.stack([out['cls_attn'][b] for b in blocks]).mean(dim=(0, 2))
+        h = F.layer_norm(out['x'], (out['x'].size(-1),))
+        return h, saliency
+
+    def make_regions(self, saliency, draws):
+        """Ordered disjoint regions [B, R, N] and the slots that took a random box [B, R-1]."""
+        c = self.cfg
+        if c.regions == 'components':
+            salient = select_regions(saliency, self.grid_size, c.num_regions, c.min_region_area)[:, :-1]
+            salient = order_slots(salient, c.order, draws['order_noise'])
+        else:   # random_blocks: the uniform ablation, every slot is a random box
+            salient = torch.zeros_like(draws['boxes'])
+        return apply_curriculum(salient, draws['boxes'], draws['keep'], c.fill_empty_regions) + (salient,)
+
+    def loss_fn(self, preds, targets, valid):
+        """Smooth-L1 per target token, reduced per region (mean per step, summed over steps, mean over images)
+        or pooled over all target tokens."""
+        per_token = F.smooth_l1_loss(preds, targets, reduction='none', beta=self.cfg.loss_beta).mean(dim=-1)
+        per_token = per_token * valid                                       # (M, T)
+        if self.cfg.loss_reduction == 'pooled':
+            return per_token.sum() / valid.sum().clamp_min(1)
+        per_step = per_token.sum(dim=1) / valid.sum(dim=1).clamp_min(1)     # (M,)
+        return per_step.sum() / self.batch_size
+
+    def __call__(self, batch, step):
+        (imgs, _), draws = batch
+        self.batch_size = len(imgs)
+        with torch.no_grad():
+            h, saliency = self.encode_target(imgs)
+            regions, use_box, salient = self.make_regions(saliency, draws)
+            context_mask, target_mask = plan_steps(regions, self.cfg.prediction, self.cfg.max_targets)
+        predict = predict_chained if self.cfg.prediction == 'chained' else predict_pairs
+        preds, tgt_ids, tgt_valid, image_index = predict(self.encoder, self.predictor, imgs, context_mask,
+                                                         target_mask)
+        targets = gather_tokens(h[image_index], tgt_ids)                    # (M, T, D)
+        loss = self.loss_fn(preds, targets, tgt_valid)
+        nonempty = regions.any(dim=2)
+        stats = {
+            'mask-A': context_mask.sum(dim=2).float().mean(),              # mean context size of a step
+            'mask-B': target_mask.sum(dim=2).float().mean(),               # mean target size of a step
+            'lambda': draws['lambda'],
+            'salient_regions': salient.any(dim=2).float().sum(dim=1).mean(),   # before the curriculum
+            'region_size': (regions.sum(dim=2).float() / regions.shape[2])[nonempty].mean(),
+            'random_boxes': use_box.float().mean(),
+            'steps': (context_mask.any(dim=2) & target_mask.any(dim=2)).float().sum(dim=1).mean(),
+        }
+        return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in stats.items()}
