@@ -114,12 +114,17 @@ def main(argv=None):
     parser.add_argument('--real-data', action='store_true', help="load the config's dataset instead of noise")
     parser.add_argument('--ijepa-ref', default=None, help='path to a facebookresearch/ijepa checkout: also time '
                         'its encoder and predictor in the same step')
+    parser.add_argument('--vs', default=None, help='another config (e.g. the I-JEPA partner of a DSeq-JEPA config) '
+                        'whose step is timed interleaved with this one, on its own batches of the same size')
+    parser.add_argument('--dseq-lambda', type=float, default=1.0, help='DSeq-JEPA curriculum lambda held fixed '
+                        'while timing (1: saliency regions, the steady state; 0: random boxes, the start)')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: all cores)')
     parser.add_argument('--flops', action='store_true', help='also count the step FLOPs and compare the step time '
                         'with FLOPs / measured matmul rate')
     args = parser.parse_args(argv)
 
     cfg = load_config(args.fname)
+    cfg.dseq.lambda_start = cfg.dseq.lambda_end = args.dseq_lambda
     if args.batch_size is not None:
         cfg.data.batch_size = args.batch_size
     device = torch.device(args.devices[0])
@@ -143,10 +148,22 @@ def main(argv=None):
         ref_predictor.load_state_dict(predictor.state_dict())
         runs['ijepa'] = build_step(cfg, device, ref_encoder.to(device), ref_predictor.to(device))
 
+    run_batches = {name: batches for name in runs}
+    if args.vs:
+        cfg_vs = load_config(args.vs)
+        cfg_vs.dseq.lambda_start = cfg_vs.dseq.lambda_end = args.dseq_lambda
+        cfg_vs.data.batch_size = cfg.data.batch_size
+        torch.manual_seed(cfg_vs.meta.seed)
+        mv = cfg_vs.meta
+        enc_vs, pred_vs = init_model(device, patch_size=cfg_vs.mask.patch_size, model_name=mv.model_name,
+                                     crop_size=cfg_vs.data.crop_size, pred_depth=mv.pred_depth,
+                                     pred_emb_dim=mv.pred_emb_dim, use_cls_token=mv.use_cls_token)
+        runs['vs'] = build_step(cfg_vs, device, enc_vs, pred_vs)
+        run_batches['vs'] = make_batches(cfg_vs, len(batches), args.real_data)
     times = {name: [] for name in runs}
-    for i, batch in enumerate(batches):
+    for i in range(len(batches)):
         for name, step_fn in runs.items():          # interleaved: noise hits every implementation alike
-            ms = timed(step_fn, batch, i, device)
+            ms = timed(step_fn, run_batches[name][i], i, device)
             if i >= args.warmup:
                 times[name].append(ms)
 
@@ -154,8 +171,11 @@ def main(argv=None):
     median = {name: statistics.median(t) for name, t in times.items()}
     print(f'config {args.fname}: {m.method} {m.model_name}/{cfg.mask.patch_size} at {cfg.data.crop_size}px, '
           f'batch {B}, {device}, {torch.get_num_threads()} threads, '
-          f'{"bf16" if runs["ours"].use_bf16 else "fp32"}, {args.steps} timed steps after {args.warmup} warm-up')
+          f'{"bf16" if runs["ours"].use_bf16 else "fp32"}, {args.steps} timed steps after {args.warmup} warm-up'
+          + f', DSeq lambda {args.dseq_lambda}')
     print(f'{"impl":<8}{"median ms":>12}{"min ms":>10}{"images/s":>12}{"vs ours":>10}')
+    if args.vs:
+        print(f'vs = {args.vs} ({cfg_vs.meta.method}); ours / vs = {median["ours"] / median["vs"]:.2f}')
     for name, t in times.items():
         print(f'{name:<8}{median[name]:>12.1f}{min(t):>10.1f}{B * 1000. / median[name]:>12.1f}'
               f'{median[name] / median["ours"]:>10.2f}')

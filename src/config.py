@@ -111,7 +111,7 @@ class DSeqConfig:
     lambda_start: float = 0.0            # curriculum: probability of keeping a salient region, rising linearly
     lambda_end: float = 1.0
     curriculum: str = 'per_region'       # per_region (paper Alg. 1) | per_iteration (official code)
-    fill_empty_regions: bool = True      # a missing salient region is a random box (keeps every image trained)
+    fill_first_region: bool = True       # an image with no salient region takes a random box as R_1
     loss_reduction: str = 'per_region'   # per_region: per-step mean, summed over steps | pooled: mean of tokens
     loss_beta: float = 1.0               # smooth-L1 beta
 

@@ -36,7 +36,7 @@ def pack(masks):
     """Bool masks [M, N] -> (ids [M, K] LongTensor of the True positions in raster order, then padding;
     valid [M, K] bool), K the largest count. Reading K from the device is the one host synchronisation."""
     counts = masks.sum(dim=1)                                              # (M,)
-    K = max(int(counts.max()), 1)
+    K = max(int(counts.max()), 1) if len(counts) else 1                    # M = 0: no pair in the batch
     ids = torch.sort((~masks).to(torch.uint8), dim=1, stable=True).indices[:, :K]   # True positions first
     valid = torch.arange(K, device=masks.device).unsqueeze(0) < counts.unsqueeze(1)
     return ids, valid

@@ -50,13 +50,16 @@ def order_slots(salient, order, noise):
     return salient.gather(1, perm.unsqueeze(-1).expand(-1, -1, N))
 
 
-def apply_curriculum(salient, boxes, keep, fill_empty=True):
-    """Paper Alg. 1: slot k keeps its salient region with probability lambda (`keep`), else a random box; an empty
-    salient slot becomes its box too when `fill_empty`. Each region then loses what earlier regions took, and
-    the background (last region) is what is left: [B, K + 1, N], disjoint, covering the image."""
+def apply_curriculum(salient, boxes, keep, fill_first=True):
+    """Paper Alg. 1: slot k keeps its salient region with probability lambda (`keep`), else takes a random box.
+    With `fill_first`, an image left without a first region (no salient component) takes its first box there, so
+    that it still has a context and trains (the official code gives such images no gradient). Each region then
+    loses what earlier regions took, and the background (last region) is what is left: [B, K + 1, N], disjoint,
+    covering the image. Empty regions stay empty (their steps are skipped)."""
     use_box = ~keep
-    if fill_empty:
-        use_box = use_box | ~salient.any(dim=2)
+    if fill_first:
+        use_box = use_box.clone()
+        use_box[:, 0] |= ~salient[:, 0].any(dim=1)
     chosen = torch.where(use_box.unsqueeze(-1), boxes, salient)            # (B, K, N)
     taken = torch.zeros_like(chosen[:, 0])
     regions = []
@@ -108,7 +111,7 @@ class DSeqJEPA:
             salient = order_slots(salient, c.order, draws['order_noise'])
         else:   # random_blocks: the uniform ablation, every slot is a random box
             salient = torch.zeros_like(draws['boxes'])
-        return apply_curriculum(salient, draws['boxes'], draws['keep'], c.fill_empty_regions) + (salient,)
+        return apply_curriculum(salient, draws['boxes'], draws['keep'], c.fill_first_region) + (salient,)
 
     def loss_fn(self, preds, targets, valid):
         """Smooth-L1 per target token, reduced per region (mean per step, summed over steps, mean over images)
