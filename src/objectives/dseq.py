@@ -92,7 +92,9 @@ class DSeqJEPA:
     def encode_target(self, imgs):
         """Target features (LayerNorm'd, [B, N, D]) and patch saliency ([B, N]) from one target-encoder pass."""
         target = self.target_encoder
-        if self.cfg.saliency == 'cls_similarity':
+        if self.cfg.regions == 'random_blocks':     # no saliency needed (the encoder may have no [CLS] token)
+            out, saliency = target.forward_features(imgs), None
+        elif self.cfg.saliency == 'cls_similarity':
             out = target.forward_features(imgs, return_blocks=(self.saliency_block,))
             feats = target.norm(out['blocks'][self.saliency_block])           # normalised block-l patch features
             saliency = cls_similarity_saliency(feats, target.cls_token)
