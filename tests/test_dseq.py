@@ -21,7 +21,7 @@ from src.objectives.dseq import DSeqJEPA, apply_curriculum, make_dseq_collator, 
 from src.train import main as train_main
 from tests.helpers import assert_same_weights, load, read_csv, tiny_params
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures('one_thread')]
 
 CROP, PATCH = 32, 8
 GRID = (CROP // PATCH, CROP // PATCH)     # 4 x 4 patches
@@ -29,13 +29,6 @@ N = GRID[0] * GRID[1]
 DSEQ_COLUMNS = ['lambda', 'salient_regions', 'region_size', 'random_boxes', 'steps']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tensors here are small: intra-op threads only add wake-up latency (large when other jobs load the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_models(use_cls_token, seed=0):

@@ -15,16 +15,9 @@ import torch.nn.functional as F
 
 from src.masks.saliency import DSeqCollator, connected_components, random_boxes, select_regions
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures('one_thread')]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tensors here are small: intra-op threads only add wake-up latency (large when other jobs load the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 GRIDS = [(14, 14), (8, 8), (7, 9)]
 NUM_REGIONS = [2, 3, 5, 7]
