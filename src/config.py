@@ -107,7 +107,7 @@ class DSeqConfig:
     regions: str = 'components'          # components (paper) | random_blocks (I-JEPA-style boxes, no saliency)
     prediction: str = 'sequential'       # sequential (paper Eq. 5) | chained | flat
     order: str = 'descending'            # descending (paper) | ascending | random | spatial
-    max_targets: Optional[int] = None    # predict only the first k targets of the sequence (truncation)
+    truncate_regions: Optional[int] = None   # keep only the first k regions of the sequence (top-k)
     lambda_start: float = 0.0            # curriculum: probability of keeping a salient region, rising linearly
     lambda_end: float = 1.0
     curriculum: str = 'per_region'       # per_region (paper Alg. 1) | per_iteration (official code)
@@ -246,7 +246,8 @@ def _validate(cfg):
         (d.prediction in ('sequential', 'chained', 'flat'), 'dseq.prediction', "'sequential', 'chained' or 'flat'"),
         (d.order in ('descending', 'ascending', 'random', 'spatial'), 'dseq.order',
          "'descending', 'ascending', 'random' or 'spatial'"),
-        (d.max_targets is None or d.max_targets >= 1, 'dseq.max_targets', 'null or >= 1'),
+        (d.truncate_regions is None or 2 <= d.truncate_regions <= d.num_regions, 'dseq.truncate_regions',
+         'null or in 2..dseq.num_regions'),
         (0. <= d.lambda_start <= 1. and 0. <= d.lambda_end <= 1., 'dseq.lambda_start/lambda_end', 'in [0, 1]'),
         (d.curriculum in ('per_region', 'per_iteration'), 'dseq.curriculum', "'per_region' or 'per_iteration'"),
         (d.loss_reduction in ('per_region', 'pooled'), 'dseq.loss_reduction', "'per_region' or 'pooled'"),

@@ -422,7 +422,7 @@ VARIANTS = {
     'chained': {'dseq.prediction': 'chained', 'dseq.lambda_start': 1.},
     'ascending': {'dseq.order': 'ascending', 'dseq.lambda_start': 1.},
     'random_order': {'dseq.order': 'random', 'dseq.lambda_start': 1.},
-    'spatial': {'dseq.order': 'spatial', 'dseq.lambda_start': 1., 'dseq.max_targets': 2},
+    'spatial': {'dseq.order': 'spatial', 'dseq.lambda_start': 1., 'dseq.truncate_regions': 3},
     'random_blocks': {'dseq.regions': 'random_blocks'},
     'random_blocks_no_cls': {'dseq.regions': 'random_blocks', 'meta.use_cls_token': False},
     'cls_attention_all': {'dseq.saliency': 'cls_attention', 'dseq.saliency_layers': 'all', 'dseq.lambda_start': 1.,

@@ -131,7 +131,9 @@ class DSeqJEPA:
         with torch.no_grad():
             h, saliency = self.encode_target(imgs)
             regions, use_box, salient = self.make_regions(saliency, draws)
-            context_mask, target_mask = plan_steps(regions, self.cfg.prediction, self.cfg.max_targets)
+            if self.cfg.truncate_regions:     # top-k truncation: R_1..R_k only, the rest is never predicted
+                regions = regions[:, :self.cfg.truncate_regions]
+            context_mask, target_mask = plan_steps(regions, self.cfg.prediction)
         predict = predict_chained if self.cfg.prediction == 'chained' else predict_pairs
         preds, tgt_ids, tgt_valid, image_index = predict(self.encoder, self.predictor, imgs, context_mask,
                                                          target_mask)
