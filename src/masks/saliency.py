@@ -55,37 +55,51 @@ def otsu_threshold(u):
     return t * (best > 0)
 
 
-def _neighbour_min(labels):
-    """Smallest value in each 3x3 neighbourhood of [B, gh, gw] (outside the grid counts as +inf)."""
-    padded = F.pad(labels, (1, 1, 1, 1), value=math.inf)                   # (B, gh+2, gw+2)
-    rows = torch.minimum(torch.minimum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])        # (B, gh, gw+2)
-    return torch.minimum(torch.minimum(rows[:, :, :-2], rows[:, :, 1:-1]), rows[:, :, 2:])     # (B, gh, gw)
+def _neighbour_min(labels, fill):
+    """Smallest value in each 3x3 neighbourhood of [B, gh, gw] (outside the grid counts as `fill`)."""
+    padded = F.pad(labels, (1, 1, 1, 1), value=fill)                       # (B, gh+2, gw+2)
+    cols = torch.minimum(torch.minimum(padded[:, :, :-2], padded[:, :, 1:-1]), padded[:, :, 2:])  # (B, gh+2, gw)
+    return torch.minimum(torch.minimum(cols[:, :-2], cols[:, 1:-1]), cols[:, 2:])               # (B, gh, gw)
 
 
 def connected_components(foreground, grid_size, max_rounds=None):
     """8-connected components of each image's foreground: [B, N] long, the smallest raster index of the pixel's
     component (its first patch), or N for background.
 
-    Min-label propagation over 3x3 neighbourhoods with pointer jumping, vectorised over the batch. On the CPU
-    it stops as soon as the labels stop changing; on other devices it runs a fixed number of rounds that
-    suffices for any map (N, the longest possible path), so that it never synchronises with the host.
+    A union-find forest built in parallel over the batch: every horizontal run of foreground starts as one tree
+    rooted at its leftmost pixel; each round hooks every root onto the smallest root among its pixels' 3x3
+    neighbours, then compresses the forest by pointer jumping (ceil(log2 N) jumps make any tree flat). Roots only
+    ever point to smaller indices, so the final root of a component is its smallest index. On the CPU it stops as
+    soon as a round changes nothing; elsewhere it runs a fixed number of rounds that suffices for any map, so it
+    never synchronises with the host.
     """
     B, N = foreground.shape
     gh, gw = grid_size
-    # background pixels hold N: `floor` (N on background, 0 elsewhere) keeps them there through every minimum
-    floor = (~foreground).float() * N                                       # (B, N)
-    labels = torch.maximum(torch.arange(N, device=foreground.device, dtype=torch.float32).expand(B, N), floor)
+    fg = foreground.view(B, gh, gw)
+    col = torch.arange(gw, device=foreground.device)
+    # -- parent of every pixel, plus slot N for the background: start with each run's leftmost pixel
+    last_background = torch.where(fg, -1, col).cummax(dim=2).values         # (B, gh, gw)
+    row_start = torch.arange(gh, device=foreground.device).view(1, gh, 1) * gw
+    start = (row_start + last_background + 1).view(B, N)
+    parent = F.pad(torch.where(foreground, start, N), (0, 1), value=N)      # (B, N + 1), slot N = background
+    background = F.pad(~foreground, (0, 1), value=True)
+    jumps = max(1, math.ceil(math.log2(N)))
     check = foreground.device.type == 'cpu' if max_rounds is None else False
     for _ in range(N if max_rounds is None else max_rounds):
-        # -- propagate: the smallest label among the 8 neighbours
-        new = torch.maximum(_neighbour_min(labels.view(B, gh, gw)).view(B, N), floor)
-        # -- jump twice: take the label of the pixel named by my label (it is in my component)
-        for _ in range(2):
-            new = torch.maximum(torch.minimum(new, new.gather(1, new.long().clamp_max_(N - 1))), floor)
-        if check and torch.equal(new, labels):
+        # -- hook: each root takes the smallest root seen around any of its pixels (background sees N)
+        around = _neighbour_min(parent[:, :N].view(B, gh, gw), N).view(B, N)
+        around = F.pad(around, (0, 1), value=N).masked_fill_(background, N)   # (B, N + 1)
+        new = parent.scatter_reduce(1, parent, around, reduce='amin')
+        # -- compress: jump to the parent's parent until every tree is flat
+        for _ in range(jumps):
+            hop = new.gather(1, new)
+            if check and torch.equal(hop, new):
+                break
+            new = hop
+        if check and torch.equal(new, parent):
             break
-        labels = new
-    return labels.long()
+        parent = new
+    return parent[:, :N]
 
 
 def select_regions(saliency, grid_size, num_regions, min_area):
@@ -109,20 +123,22 @@ def select_regions(saliency, grid_size, num_regions, min_area):
     u = (s * 255).floor().to(torch.uint8)                                  # 8-bit map, as OpenCV sees it
     foreground = u > otsu_threshold(u).unsqueeze(1).to(torch.uint8)
     roots = connected_components(foreground, grid_size)                    # (B, N), N for background
-    # -- per-component area and mean saliency, indexed by the component's first patch
-    slot = roots.clamp_max(N)                                              # background -> slot N (dropped)
+    # -- per-component area and mean saliency, indexed by the component's first patch (slot N: background)
     area = torch.zeros(B, N + 1, dtype=torch.float64, device=s.device).scatter_add_(
-        1, slot, torch.ones_like(s, dtype=torch.float64))[:, :N]
+        1, roots, torch.ones_like(s, dtype=torch.float64))[:, :N]
     total = torch.zeros(B, N + 1, dtype=torch.float64, device=s.device).scatter_add_(
-        1, slot, s.double())[:, :N]
+        1, roots, s.double())[:, :N]
     kept = area >= min_area * N
     score = torch.where(kept, total / area.clamp_min(1.), torch.full_like(total, -math.inf))
     # -- rank: stable sort keeps raster order among equal scores
     order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_regions - 1]   # (B, R-1)
     valid = kept.gather(1, order)                                          # (B, R-1)
-    salient = (roots.unsqueeze(1) == order.unsqueeze(2)) & valid.unsqueeze(2)   # (B, R-1, N)
-    background = ~salient.any(dim=1, keepdim=True)                         # (B, 1, N)
-    return torch.cat([salient, background], dim=1)                         # (B, R, N)
+    # -- region number of every component (R - 1 = background), looked up by each pixel's root
+    rank = torch.arange(num_regions - 1, device=s.device).expand_as(order)
+    table = torch.full((B, N + 1), num_regions - 1, device=s.device, dtype=torch.long)
+    table.scatter_(1, torch.where(valid, order, N), torch.where(valid, rank, num_regions - 1))
+    region = table.gather(1, roots)                                        # (B, N) in 0..R-1
+    return region.unsqueeze(1) == torch.arange(num_regions, device=s.device).view(1, -1, 1)   # (B, R, N)
 
 
 # --------------------------------------------------------------------------------------------------------------
