@@ -101,10 +101,13 @@ class DSeqConfig:
     """DSeq-JEPA (meta.method: dseq); see docs/dseq.md for each key's equation or table in the paper."""
     num_regions: int = 5                 # N: the N - 1 most salient regions, then the background
     min_region_area: float = 0.15        # alpha: drop components smaller than alpha * patches
-    saliency: str = 'cls_similarity'     # cls_similarity (paper Eq. 1) | cls_attention
+    saliency: str = 'cls_similarity'     # cls_similarity (paper Eq. 1) | cls_attention | column_mean | gradcam
+    saliency_encoder: str = 'target'     # target (its own pass, free) | context (an extra no-grad pass)
     saliency_block: Optional[int] = None  # block l whose output scores the patches (1-based); None: 10/12 of depth
-    saliency_layers: str = 'last'        # cls_attention: average the [CLS] attention of the 'last' or 'all' blocks
-    regions: str = 'components'          # components (paper) | random_blocks (I-JEPA-style boxes, no saliency)
+    saliency_layers: str = 'last'        # cls_attention, column_mean: attention of the 'last' block or of 'all'
+    regions: str = 'components'          # components (paper) | blocks (NMS over scored boxes) | random_blocks
+    num_candidates: int = 32             # blocks: candidate boxes per image
+    nms_iou: float = 0.5                 # blocks: greedy non-maximum suppression threshold
     prediction: str = 'sequential'       # sequential (paper Eq. 5) | chained | flat
     order: str = 'descending'            # descending (paper) | ascending | random | spatial
     truncate_regions: Optional[int] = None   # keep only the first k regions of the sequence (top-k)
@@ -130,6 +133,7 @@ class Config:
 
 
 METHODS = ('ijepa', 'dseq')
+SALIENCY = ('cls_similarity', 'cls_attention', 'column_mean', 'gradcam')
 DATASETS = ('imagenet', 'imagefolder', 'fashion_mnist', 'synthetic')
 
 
@@ -240,9 +244,13 @@ def _validate(cfg):
     checks += [
         (d.num_regions >= 2, 'dseq.num_regions', 'at least 2'),
         (0. <= d.min_region_area < 1., 'dseq.min_region_area', 'in [0, 1)'),
-        (d.saliency in ('cls_similarity', 'cls_attention'), 'dseq.saliency', "'cls_similarity' or 'cls_attention'"),
+        (d.saliency in SALIENCY, 'dseq.saliency', f'one of {SALIENCY}'),
+        (d.saliency_encoder in ('target', 'context'), 'dseq.saliency_encoder', "'target' or 'context'"),
+        (d.num_candidates >= 1, 'dseq.num_candidates', 'at least 1'),
+        (0. < d.nms_iou <= 1., 'dseq.nms_iou', 'in (0, 1]'),
         (d.saliency_layers in ('last', 'all'), 'dseq.saliency_layers', "'last' or 'all'"),
-        (d.regions in ('components', 'random_blocks'), 'dseq.regions', "'components' or 'random_blocks'"),
+        (d.regions in ('components', 'blocks', 'random_blocks'), 'dseq.regions',
+         "'components', 'blocks' or 'random_blocks'"),
         (d.prediction in ('sequential', 'chained', 'flat'), 'dseq.prediction', "'sequential', 'chained' or 'flat'"),
         (d.order in ('descending', 'ascending', 'random', 'spatial'), 'dseq.order',
          "'descending', 'ascending', 'random' or 'spatial'"),
@@ -259,7 +267,8 @@ def _validate(cfg):
     depth = VIT_SIZES[cfg.meta.model_name]['depth']
     if d.saliency_block is not None and not 1 <= d.saliency_block <= depth:
         raise ConfigError(f'dseq.saliency_block must be in 1..{depth} for {cfg.meta.model_name}')
-    if cfg.meta.method == 'dseq' and d.regions == 'components' and not cfg.meta.use_cls_token:
+    if (cfg.meta.method == 'dseq' and d.regions != 'random_blocks' and d.saliency != 'column_mean'
+            and not cfg.meta.use_cls_token):
         raise ConfigError(f'dseq.saliency={d.saliency} needs the [CLS] token: set meta.use_cls_token: true')
     heads = VIT_SIZES[cfg.meta.model_name]['num_heads']
     if cfg.meta.pred_emb_dim % heads != 0:

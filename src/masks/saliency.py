@@ -170,13 +170,15 @@ class DSeqCollator(BatchCounter):
     keep        bool [B, R-1]     True: the slot keeps its salient region (Bernoulli(lambda), per region or once
                                   per batch); always False for the 'random_blocks' generator
     order_noise float [B, R-1]    random keys for order: random
+    candidates  bool [B, M, N]    with num_candidates = M > 0: candidate blocks for the 'blocks' generator
     lambda      float []          the curriculum's lambda at this step: lambda_start -> lambda_end linearly
     Draws come from a generator seeded by (seed, rank, step), so they do not depend on workers or restarts.
     Returns (collated_batch, draws).
     """
 
     def __init__(self, input_size, patch_size, num_regions, box_scale, box_aspect_ratio, lambda_start=0.,
-                 lambda_end=1., curriculum='per_region', regions='components', total_steps=1, seed=0, rank=0):
+                 lambda_end=1., curriculum='per_region', regions='components', num_candidates=0, total_steps=1,
+                 seed=0, rank=0):
         super().__init__(deterministic=True)
         size = input_size if isinstance(input_size, (tuple, list)) else (input_size, input_size)
         self.grid_size = (size[0] // patch_size, size[1] // patch_size)
@@ -185,6 +187,7 @@ class DSeqCollator(BatchCounter):
         self.lambda_start, self.lambda_end = lambda_start, lambda_end
         self.curriculum = curriculum
         self.regions = regions
+        self.num_candidates = num_candidates
         self.total_steps = total_steps
         self.seed, self.rank = seed, rank
 
@@ -210,4 +213,7 @@ class DSeqCollator(BatchCounter):
             keep = torch.rand(B, K, generator=g) < lam
         draws = {'boxes': boxes, 'keep': keep, 'order_noise': torch.rand(B, K, generator=g),
                  'lambda': torch.tensor(lam)}
+        if self.num_candidates:      # the 'blocks' generator scores these on the device
+            draws['candidates'] = random_boxes(B, self.num_candidates, self.grid_size, self.box_scale,
+                                               self.box_aspect_ratio, generator=g)
         return collated, draws

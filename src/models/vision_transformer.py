@@ -125,6 +125,22 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def attention_received(self, x, attn_mask=None, chunk=256):
+        """Mean attention each of the T keys receives, over all queries and heads: [B, T].
+
+        The T x T weights are formed for `chunk` queries at a time (for DSeq-JEPA's column_mean saliency)."""
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]                                                 # (B, h, T, hd)
+        total = x.new_zeros(B, T, dtype=torch.float32)
+        for i in range(0, T, chunk):
+            logits = (q[:, :, i:i + chunk] * self.scale) @ k.transpose(-2, -1)   # (B, h, t, T)
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask[..., i:i + chunk, :] if attn_mask.shape[-2] > 1
+                                            else ~attn_mask, float('-inf'))
+            total += logits.float().softmax(dim=-1).sum(dim=(1, 2))
+        return total / (self.num_heads * T)
+
     def forward(self, x, attn_mask=None, return_cls_attn=False):
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -302,7 +318,8 @@ class VisionTransformer(nn.Module):
             key_valid = F.pad(key_valid, (self.num_prefix_tokens, 0), value=True)
         return key_valid[:, None, None, :]
 
-    def forward_features(self, x, masks=None, return_blocks=(), return_cls_attn=(), attn_mask=None):
+    def forward_features(self, x, masks=None, return_blocks=(), return_cls_attn=(), attn_mask=None,
+                         return_attn_received=()):
         """Encoder pass that also returns what DSeq-JEPA needs, without a second pass.
 
         return_blocks:   block numbers l (1-based: l = 1 is the output of the first block, l = depth the last)
@@ -310,19 +327,23 @@ class VisionTransformer(nn.Module):
         return_cls_attn: block numbers whose [CLS]-query attention over the patch tokens is returned in
                          out['cls_attn'][l], [B', h, K] (the [CLS]-to-[CLS] weight is left out); needs a [CLS] token
         attn_mask:       optional bool [B', 1 or h, T, T] over the P + K tokens, True = may attend
+        return_attn_received: block numbers whose mean attention received per patch (over all queries and heads)
+                         is returned in out['attn_received'][l], [B', K]
         Returns a dict with 'x' (final normalised patch tokens [B', K, D]), 'cls' (final normalised [CLS] [B', D]
-        or None), 'blocks' and 'cls_attn'.
+        or None), 'blocks', 'cls_attn' and 'attn_received'.
         """
         if return_cls_attn and self.cls_token is None:
             raise ValueError('[CLS] attention was requested but the encoder has no [CLS] token '
                              '(set meta.use_cls_token: true)')
-        for l in list(return_blocks) + list(return_cls_attn):
+        for l in list(return_blocks) + list(return_cls_attn) + list(return_attn_received):
             if not 1 <= l <= self.depth:
                 raise ValueError(f'block {l} requested, the encoder has blocks 1..{self.depth}')
         P = self.num_prefix_tokens
         x = self.prepare_tokens(x, masks)
-        blocks, cls_attn = {}, {}
+        blocks, cls_attn, received = {}, {}, {}
         for i, blk in enumerate(self.blocks, start=1):
+            if i in return_attn_received:
+                received[i] = blk.attn.attention_received(blk.norm1(x), attn_mask)[:, P:]   # (B', K)
             if i in return_cls_attn:
                 x, attn = blk(x, attn_mask=attn_mask, return_cls_attn=True)
                 cls_attn[i] = attn[:, :, P:]                                  # (B', h, K)
@@ -331,7 +352,8 @@ class VisionTransformer(nn.Module):
             if i in return_blocks:
                 blocks[i] = x[:, P:]
         x = self.norm(x)
-        return {'x': x[:, P:], 'cls': x[:, 0] if P else None, 'blocks': blocks, 'cls_attn': cls_attn}
+        return {'x': x[:, P:], 'cls': x[:, 0] if P else None, 'blocks': blocks, 'cls_attn': cls_attn,
+                'attn_received': received}
 
     def forward(self, x, masks=None, image_index=None, key_valid=None):
         """Final normalised patch tokens of the kept tokens, [B', K, D].

@@ -10,11 +10,13 @@
 #
 # Dimensions: B images, R regions, S = R - 1 steps, N patches, M kept (image, step) pairs, T target tokens, D width.
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from src.helper import unwrap
-from src.masks.saliency import DSeqCollator, cls_similarity_saliency, select_regions
+from src.masks.saliency import DSeqCollator, cls_similarity_saliency, normalise_saliency, select_regions
 from src.models.predictor import gather_tokens, plan_steps, predict_chained, predict_pairs
 
 
@@ -28,7 +30,8 @@ def make_dseq_collator(cfg, rank=0):
     return DSeqCollator(
         input_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size, num_regions=d.num_regions,
         box_scale=cfg.mask.pred_mask_scale, box_aspect_ratio=cfg.mask.aspect_ratio, lambda_start=d.lambda_start,
-        lambda_end=d.lambda_end, curriculum=d.curriculum, regions=d.regions, seed=cfg.meta.seed, rank=rank)
+        lambda_end=d.lambda_end, curriculum=d.curriculum, regions=d.regions,
+        num_candidates=d.num_candidates if d.regions == 'blocks' else 0, seed=cfg.meta.seed, rank=rank)
 
 
 def order_slots(salient, order, noise):
@@ -71,6 +74,54 @@ def apply_curriculum(salient, boxes, keep, fill_first=True):
     return torch.stack(regions, dim=1), use_box
 
 
+def gradcam_saliency(encoder, imgs, block):
+    """Grad-CAM on a self-supervised ViT (our definition; the paper's Table 6 "Grad-CAM" gives no formula).
+
+    A = the block-l patch features; y = sum over patches of the final layer's [CLS] similarity (Eq. 1 applied
+    to the normalised output); weights alpha_d = mean over patches of dy/dA[:, d]; saliency = ReLU(A . alpha).
+    Costs one extra backward through blocks l+1..L of the (frozen) encoder. Returns (final patch features,
+    saliency [B, N]).
+    """
+    P = encoder.num_prefix_tokens
+    with torch.no_grad():
+        x = encoder.prepare_tokens(imgs)
+        for blk in encoder.blocks[:block]:
+            x = blk(x)
+    with torch.enable_grad():
+        a = x.detach().requires_grad_(True)                                 # (B, P + N, D)
+        x = a
+        for blk in encoder.blocks[block:]:
+            x = blk(x)
+        out = encoder.norm(x)[:, P:]                                        # (B, N, D)
+        y = cls_similarity_saliency(out, encoder.cls_token).sum()
+        grad, = torch.autograd.grad(y, a)
+    alpha = grad[:, P:].mean(dim=1, keepdim=True)                           # (B, 1, D)
+    saliency = torch.relu((a.detach()[:, P:] * alpha).sum(dim=-1))          # (B, N)
+    return out.detach(), saliency
+
+
+def select_blocks(saliency, candidates, k, iou_threshold=0.5):
+    """The 'blocks' region generator: score each candidate block [B, M, N] by its mean normalised saliency and
+    keep k of them by greedy non-maximum suppression at `iou_threshold`, best first: [B, k, N] (a row stays
+    empty when fewer than k blocks survive)."""
+    s = normalise_saliency(saliency)                                       # (B, N)
+    boxes = candidates.float()                                              # (B, M, N)
+    area = boxes.sum(dim=2)                                                 # (B, M)
+    score = (boxes @ s.unsqueeze(-1)).squeeze(-1) / area.clamp_min(1)       # (B, M)
+    inter = boxes @ boxes.transpose(1, 2)                                   # (B, M, M)
+    iou = inter / (area.unsqueeze(2) + area.unsqueeze(1) - inter).clamp_min(1)
+    alive = area > 0
+    picks = []
+    for _ in range(k):                                                      # k is small: loop over picks only
+        masked = torch.where(alive, score, torch.full_like(score, -math.inf))
+        best = masked.argmax(dim=1)                                         # (B,)
+        ok = alive.gather(1, best.unsqueeze(1))                             # (B, 1)
+        picks.append(candidates.gather(1, best.view(-1, 1, 1).expand(-1, 1, candidates.shape[2])) & ok.unsqueeze(-1))
+        alive = alive & (iou.gather(1, best.view(-1, 1, 1).expand(-1, 1, iou.shape[2])).squeeze(1) <= iou_threshold)
+        alive = alive.scatter(1, best.unsqueeze(1), False)
+    return torch.cat(picks, dim=1)                                          # (B, k, N)
+
+
 class DSeqJEPA:
     """Loss of one batch, with the statistics logged after ijepa's CSV columns."""
 
@@ -89,28 +140,45 @@ class DSeqJEPA:
     def make_collator(cfg, rank=0):
         return make_dseq_collator(cfg, rank)
 
+    def saliency_from(self, encoder, imgs):
+        """Run `encoder` on the full images once: (final patch features [B, N, D], saliency [B, N] or None)."""
+        c, l = self.cfg, self.saliency_block
+        if c.regions == 'random_blocks':           # no saliency needed (the encoder may have no [CLS] token)
+            return encoder(imgs), None
+        if c.saliency == 'gradcam':
+            return gradcam_saliency(encoder, imgs, l)
+        blocks = tuple(range(1, encoder.depth + 1)) if c.saliency_layers == 'all' else (encoder.depth,)
+        if c.saliency == 'cls_similarity':       # paper Eq. 1
+            out = encoder.forward_features(imgs, return_blocks=(l,))
+            return out['x'], cls_similarity_saliency(encoder.norm(out['blocks'][l]), encoder.cls_token)
+        if c.saliency == 'cls_attention':        # [CLS]-to-patch attention, mean over heads and blocks
+            out = encoder.forward_features(imgs, return_cls_attn=blocks)
+            return out['x'], torch.stack([out['cls_attn'][b] for b in blocks]).mean(dim=(0, 2))
+        out = encoder.forward_features(imgs, return_attn_received=blocks)   # column_mean: attention received
+        return out['x'], torch.stack([out['attn_received'][b] for b in blocks]).mean(dim=0)
+
     def encode_target(self, imgs):
-        """Target features (LayerNorm'd, [B, N, D]) and patch saliency ([B, N]) from one target-encoder pass."""
-        target = self.target_encoder
-        if self.cfg.regions == 'random_blocks':     # no saliency needed (the encoder may have no [CLS] token)
-            out, saliency = target.forward_features(imgs), None
-        elif self.cfg.saliency == 'cls_similarity':
-            out = target.forward_features(imgs, return_blocks=(self.saliency_block,))
-            feats = target.norm(out['blocks'][self.saliency_block])           # normalised block-l patch features
-            saliency = cls_similarity_saliency(feats, target.cls_token)
-        else:   # cls_attention: [CLS]-to-patch attention, averaged over heads (and blocks)
-            blocks = range(1, target.depth + 1) if self.cfg.saliency_layers == 'all' else (target.depth,)
-            out = target.forward_features(imgs, return_cls_attn=tuple(blocks))
-            saliency = torch.stack([out['cls_attn'][b] for b in blocks]).mean(dim=(0, 2))
-        h = F.layer_norm(out['x'], (out['x'].size(-1),))
-        return h, saliency
+        """LayerNorm'd target features [B, N, D] and patch saliency [B, N]: from the target encoder's own pass
+        (default, free), or from an extra no-grad pass of the context encoder (saliency_encoder: context)."""
+        x, saliency = self.saliency_from(self.target_encoder, imgs)
+        if self.cfg.saliency_encoder == 'context' and saliency is not None:
+            _, saliency = self.saliency_from(unwrap(self.encoder), imgs)
+        return F.layer_norm(x, (x.size(-1),)), saliency
 
     def make_regions(self, saliency, draws):
-        """Ordered disjoint regions [B, R, N] and the slots that took a random box [B, R-1]."""
+        """Ordered disjoint regions [B, R, N], the slots that took a random box [B, R-1] and the salient slots
+        before the curriculum [B, R-1, N]."""
         c = self.cfg
         if c.regions == 'components':
             salient = select_regions(saliency, self.grid_size, c.num_regions, c.min_region_area)[:, :-1]
             salient = order_slots(salient, c.order, draws['order_noise'])
+        elif c.regions == 'blocks':
+            salient = select_blocks(saliency, draws['candidates'], c.num_regions - 1, c.nms_iou)
+            salient = order_slots(salient, c.order, draws['order_noise'])
+            regions, use_box = apply_curriculum(salient, draws['boxes'], draws['keep'], fill_first=False)
+            # the blocks are the targets; the context is everything outside them (it comes first)
+            regions = torch.cat([regions[:, -1:], regions[:, :-1]], dim=1)
+            return regions, use_box, salient
         else:   # random_blocks: the uniform ablation, every slot is a random box
             salient = torch.zeros_like(draws['boxes'])
         return apply_curriculum(salient, draws['boxes'], draws['keep'], c.fill_first_region) + (salient,)
