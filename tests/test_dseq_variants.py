@@ -116,7 +116,7 @@ def test_variant_trains(tmp_path, variant):
     out = train_main(params)
     assert out['step'] == 3 and math.isfinite(out['loss'])
     header, rows = read_csv(tmp_path / 'jepa_r0.csv')
-    assert header[8:] == ['lambda', 'salient_regions', 'region_size', 'random_boxes', 'steps']
+    assert header[8:] == ['lambda', 'salient_regions', 'region_size', 'random_boxes', 'steps', 'saliency_ms']
     assert all(float(r['steps']) > 0 for r in rows)
 
 

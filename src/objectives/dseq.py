@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from src.helper import unwrap
+from src.utils.logging import Elapsed
 from src.masks.saliency import DSeqCollator, cls_similarity_saliency, normalise_saliency, select_regions
 from src.models.predictor import gather_tokens, plan_steps, predict_chained, predict_pairs
 
@@ -126,7 +127,7 @@ class DSeqJEPA:
     """Loss of one batch, with the statistics logged after ijepa's CSV columns."""
 
     name = 'dseq'
-    csv_columns = ('lambda', 'salient_regions', 'region_size', 'random_boxes', 'steps')
+    csv_columns = ('lambda', 'salient_regions', 'region_size', 'random_boxes', 'steps', 'saliency_ms')
 
     def __init__(self, cfg, encoder, predictor, target_encoder):
         self.cfg = cfg.dseq
@@ -198,7 +199,9 @@ class DSeqJEPA:
         self.batch_size = len(imgs)
         with torch.no_grad():
             h, saliency = self.encode_target(imgs)
+            timer = Elapsed(imgs.device)                                    # region selection (+ curriculum)
             regions, use_box, salient = self.make_regions(saliency, draws)
+            timer.stop()
             if self.cfg.truncate_regions:     # top-k truncation: R_1..R_k only, the rest is never predicted
                 regions = regions[:, :self.cfg.truncate_regions]
             context_mask, target_mask = plan_steps(regions, self.cfg.prediction)
@@ -216,5 +219,6 @@ class DSeqJEPA:
             'region_size': (regions.sum(dim=2).float() / regions.shape[2])[nonempty].mean(),
             'random_boxes': use_box.float().mean(),
             'steps': (context_mask.any(dim=2) & target_mask.any(dim=2)).float().sum(dim=1).mean(),
+            'saliency_ms': timer,
         }
         return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in stats.items()}

@@ -116,3 +116,32 @@ class StepTimer:
             out = list(self._pending)
         self._pending = []
         return out
+
+
+class Elapsed:
+    """Milliseconds between two points of a step, read later: `float(elapsed)` synchronises (on CUDA) only then,
+    so a statistic can be logged at the log interval without a host sync inside the step."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == 'cuda'
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin, self.ms = time.perf_counter(), None
+
+    def stop(self):
+        if self.cuda:
+            self.end.record()
+        else:
+            self.ms = (time.perf_counter() - self.begin) * 1000.
+        return self
+
+    def __float__(self):
+        if self.cuda:
+            self.end.synchronize()
+            return float(self.begin.elapsed_time(self.end))
+        return float(self.ms)
+
+    def __format__(self, spec):
+        return format(float(self), spec)
