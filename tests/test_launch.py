@@ -63,6 +63,18 @@ def test_main_two_cpu_processes_train_with_ddp(tmp_path):
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize('prediction', ['sequential', 'chained'])
+def test_main_two_cpu_processes_train_dseq_with_ddp(tmp_path, prediction):
+    """DSeq-JEPA's variable-size steps (and chained mode's several predictor calls) under DDP: ranks agree."""
+    out = tmp_path / 'out'
+    fname = write_config(tmp_path / 'cfg.yaml', ddp_params(out, **{
+        'meta.method': 'dseq', 'meta.use_cls_token': True, 'dseq.prediction': prediction, 'dseq.lambda_start': 0.5}))
+    proc = run('main.py', '--fname', fname, '--devices', 'cpu', 'cpu')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_two_ranks_trained(out)
+
+
+@pytest.mark.timeout(90)
 def test_main_error_in_a_process_stops_the_run(tmp_path):
     params = ddp_params(tmp_path / 'out', **{'data.dataset': 'imagefolder',
                                              'data.root_path': str(tmp_path / 'missing')})
