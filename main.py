@@ -85,4 +85,9 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print('\ninterrupted: run the same command again to resume from the latest checkpoint '
+              '(logging.folder/{write_tag}-latest.pth.tar)', file=sys.stderr)
+        sys.exit(130)
