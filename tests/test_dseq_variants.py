@@ -139,3 +139,42 @@ def test_blocks_regions_put_the_context_first():
     assert (regions.sum(dim=1) == 1).all()                                   # disjoint and covering
     assert torch.equal(regions[:, 0], ~salient.any(dim=1))                   # context = outside the blocks
     assert F.one_hot(regions.float().argmax(dim=1), 5).bool().permute(0, 2, 1).equal(regions)
+
+
+def test_length_buckets_partition_and_bound_the_padding():
+    from src.models.predictor import length_buckets
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (300,), generator=g).tolist()
+    for max_buckets in (1, 2, 4):
+        groups = length_buckets(lengths, max_buckets)
+        assert 1 <= len(groups) <= max_buckets
+        assert sorted(i for grp in groups for i in grp) == list(range(len(lengths)))
+        for grp in groups[:-1]:                      # every closed group keeps its padding under 25%
+            assert min(lengths[i] for i in grp) >= 0.75 * max(lengths[i] for i in grp)
+    assert length_buckets([5, 5, 5], 4) == [[0, 1, 2]]
+
+
+def test_bucketed_prediction_equals_one_padded_batch():
+    from src.models.predictor import plan_steps, predict_pairs
+    from src.objectives.dseq import apply_curriculum
+    from src.masks.saliency import random_boxes
+    torch.manual_seed(0)
+    encoder, predictor = init_model('cpu', patch_size=8, model_name='vit_pico', crop_size=64, pred_depth=2,
+                                    pred_emb_dim=16, use_cls_token=True)
+    g = torch.Generator().manual_seed(2)
+    boxes = random_boxes(6, 4, (8, 8), (0.1, 0.3), (0.75, 1.5), generator=g)
+    regions, _ = apply_curriculum(torch.zeros_like(boxes), boxes, torch.zeros(6, 4, dtype=torch.bool))
+    context, target = plan_steps(regions, 'sequential')
+    imgs = torch.randn(6, 3, 64, 64, generator=g)
+    from src.models.predictor import length_buckets
+    kept = context.any(2) & target.any(2)
+    lengths = (context.sum(2) + target.sum(2))[kept].tolist()
+    assert len(length_buckets(lengths, 4)) > 1                               # the test really splits
+    with torch.no_grad():
+        one = predict_pairs(encoder, predictor, imgs, context, target, max_buckets=1)
+        many = predict_pairs(encoder, predictor, imgs, context, target, max_buckets=4)
+    assert torch.equal(one[3], many[3])                                      # same pairs, same order
+    for r in range(len(one[3])):
+        n = int(one[2][r].sum())
+        assert int(many[2][r].sum()) == n and torch.equal(one[1][r, :n], many[1][r, :n])
+        assert torch.allclose(one[0][r, :n], many[0][r, :n], atol=1e-5)

@@ -47,19 +47,52 @@ def gather_tokens(x, ids):
     return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def predict_pairs(encoder, predictor, imgs, context_mask, target_mask):
+def length_buckets(lengths, max_buckets=4, max_waste=0.25):
+    """Split pairs into at most `max_buckets` groups of similar length, so that padding each group to its own
+    longest row wastes little: returns a list of index lists (into `lengths`), longest first.
+
+    Greedy over the lengths sorted in decreasing order: a group closes when padding the next pair to the group's
+    longest would waste more than `max_waste` of its tokens.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, current = [], []
+    for i in order:
+        if current and len(groups) < max_buckets - 1 and lengths[i] < (1 - max_waste) * lengths[current[0]]:
+            groups.append(current)
+            current = []
+        current.append(i)
+    return groups + [current] if current else groups
+
+
+def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_buckets=4):
     """Encode each kept (image, step) pair's context by token dropping and predict its target.
 
     context_mask / target_mask: bool [B, S, N]. Returns (predictions [M, T, D], target ids [M, T],
     target valid [M, T], image index [M]); pairs whose context or target is empty are left out.
+    Pairs are processed in up to `max_buckets` groups of similar context + target length, each padded to its own
+    longest (contexts of later steps are longer: one padded batch would waste up to half its tokens).
     """
     kept = context_mask.any(dim=2) & target_mask.any(dim=2)                # (B, S)
     image_index, step_index = kept.nonzero(as_tuple=True)                  # (M,), (M,)
-    ctx_ids, ctx_valid = pack(context_mask[image_index, step_index])      # (M, L)
-    tgt_ids, tgt_valid = pack(target_mask[image_index, step_index])       # (M, T)
-    z = encoder(imgs, masks=[ctx_ids], image_index=image_index, key_valid=ctx_valid)             # (M, L, D)
-    preds = predictor(z, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid)  # (M, T, D)
-    return preds, tgt_ids, tgt_valid, image_index
+    contexts, targets = context_mask[image_index, step_index], target_mask[image_index, step_index]  # (M, N)
+    lengths = (contexts.sum(dim=1) + targets.sum(dim=1)).tolist()          # the step's one host sync
+    outputs, groups = [], length_buckets(lengths, max_buckets) if lengths else [[]]
+    for group in groups:
+        rows = torch.as_tensor(group, dtype=torch.long, device=contexts.device)
+        ctx_ids, ctx_valid = pack(contexts[rows])                          # (m, L)
+        tgt_ids, tgt_valid = pack(targets[rows])                           # (m, T)
+        z = encoder(imgs, masks=[ctx_ids], image_index=image_index[rows], key_valid=ctx_valid)          # (m, L, D)
+        preds = predictor(z, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid)     # (m, T, D)
+        outputs.append((preds, tgt_ids, tgt_valid, image_index[rows]))
+    # -- back to (image, step) order, every group padded to the longest target
+    T = max(o[0].shape[1] for o in outputs)
+    restore = torch.empty(len(lengths), dtype=torch.long, device=contexts.device)
+    restore[torch.as_tensor([i for g in groups for i in g], dtype=torch.long, device=contexts.device)] = torch.arange(
+        len(lengths), device=contexts.device)
+    return (torch.cat([_pad_tokens(o[0], T, 0.) for o in outputs])[restore],
+            torch.cat([_pad_tokens(o[1], T, 0) for o in outputs])[restore],
+            torch.cat([_pad_tokens(o[2], T, False) for o in outputs])[restore],
+            image_index)
 
 
 def _pad_tokens(t, T, value):
