@@ -49,8 +49,8 @@ def otsu_threshold(u):
     n1 = hist.cumsum(dim=1)                                               # pixels with u <= t
     m1 = (hist * torch.arange(256, dtype=torch.float64, device=u.device)).cumsum(dim=1)   # their sum of levels
     diff = m1[:, -1:] * n1 - N * m1                                       # exact integers: |.| <= 255 N^2
-    den = n1 * (N - n1)                                                   # 0 where a class is empty
-    sigma = (diff * diff / den).nan_to_num(nan=0., posinf=0.)             # 0/0 and x/0 -> no candidate
+    # diff is 0 exactly where a class is empty (n1 = 0, or n1 = N and m1 = M): those thresholds get sigma 0
+    sigma = diff * diff / (n1 * (N - n1)).clamp_min(1.)
     best, t = sigma.max(dim=1)                                            # first maximum
     return t * (best > 0)
 
@@ -90,14 +90,14 @@ def connected_components(foreground, grid_size, max_rounds=None):
         around = _neighbour_min(parent[:, :N].view(B, gh, gw), N).view(B, N)
         around = F.pad(around, (0, 1), value=N).masked_fill_(background, N)   # (B, N + 1)
         new = parent.scatter_reduce(1, parent, around, reduce='amin')
+        if check and torch.equal(new, parent):          # no root moved: the (flat) forest is final
+            break
         # -- compress: jump to the parent's parent until every tree is flat
         for _ in range(jumps):
             hop = new.gather(1, new)
             if check and torch.equal(hop, new):
                 break
             new = hop
-        if check and torch.equal(new, parent):
-            break
         parent = new
     return parent[:, :N]
 
