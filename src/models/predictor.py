@@ -32,11 +32,12 @@ def plan_steps(regions, prediction='sequential', max_steps=None):
     return context, target
 
 
-def pack(masks):
+def pack(masks, K=None):
     """Bool masks [M, N] -> (ids [M, K] LongTensor of the True positions in raster order, then padding;
-    valid [M, K] bool), K the largest count. Reading K from the device is the one host synchronisation."""
+    valid [M, K] bool), K the largest count (read from the device, a host synchronisation, unless given)."""
     counts = masks.sum(dim=1)                                              # (M,)
-    K = max(int(counts.max()), 1) if len(counts) else 1                    # M = 0: no pair in the batch
+    if K is None:
+        K = max(int(counts.max()), 1) if len(counts) else 1                # M = 0: no pair in the batch
     ids = torch.sort((~masks).to(torch.uint8), dim=1, stable=True).indices[:, :K]   # True positions first
     valid = torch.arange(K, device=masks.device).unsqueeze(0) < counts.unsqueeze(1)
     return ids, valid
@@ -75,12 +76,15 @@ def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_bucke
     kept = context_mask.any(dim=2) & target_mask.any(dim=2)                # (B, S)
     image_index, step_index = kept.nonzero(as_tuple=True)                  # (M,), (M,)
     contexts, targets = context_mask[image_index, step_index], target_mask[image_index, step_index]  # (M, N)
-    lengths = (contexts.sum(dim=1) + targets.sum(dim=1)).tolist()          # the step's one host sync
+    sizes = torch.stack([contexts.sum(dim=1), targets.sum(dim=1)], dim=1).tolist()   # the step's one host sync
+    lengths = [c + t for c, t in sizes]
     outputs, groups = [], length_buckets(lengths, max_buckets) if lengths else [[]]
     for group in groups:
         rows = torch.as_tensor(group, dtype=torch.long, device=contexts.device)
-        ctx_ids, ctx_valid = pack(contexts[rows])                          # (m, L)
-        tgt_ids, tgt_valid = pack(targets[rows])                           # (m, T)
+        L = max([sizes[i][0] for i in group], default=1)
+        T = max([sizes[i][1] for i in group], default=1)
+        ctx_ids, ctx_valid = pack(contexts[rows], L)                       # (m, L)
+        tgt_ids, tgt_valid = pack(targets[rows], T)                        # (m, T)
         z = encoder(imgs, masks=[ctx_ids], image_index=image_index[rows], key_valid=ctx_valid)          # (m, L, D)
         preds = predictor(z, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid)     # (m, T, D)
         outputs.append((preds, tgt_ids, tgt_valid, image_index[rows]))
