@@ -216,7 +216,7 @@ class DSeqJEPA:
             'mask-B': target_mask.sum(dim=2).float().mean(),               # mean target size of a step
             'lambda': draws['lambda'],
             'salient_regions': salient.any(dim=2).float().sum(dim=1).mean(),   # before the curriculum
-            'region_size': (regions.sum(dim=2).float() / regions.shape[2])[nonempty].mean(),
+            'region_size': (regions.sum(dim=2).float() / regions.shape[2] * nonempty).sum() / nonempty.sum(),
             'random_boxes': use_box.float().mean(),
             'steps': (context_mask.any(dim=2) & target_mask.any(dim=2)).float().sum(dim=1).mean(),
             'saliency_ms': timer,
