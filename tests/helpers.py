@@ -50,3 +50,20 @@ def assert_same_weights(a, b):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs'
+
+
+def train_straight_and_resumed(train, params, folder, steps, split_at):
+    """Train `steps` steps straight, and `split_at` steps + resume to `steps` in another folder; check that the
+    resumed run started at `split_at` and that both end with the same weights and optimizer state.
+    `params(folder, max_steps)` gives the config. Returns the two CSV row lists (straight, resumed)."""
+    straight, split = folder / 'straight', folder / 'split'
+    train(params(straight, steps))
+    train(params(split, split_at))
+    assert load(split / 'jepa-latest.pth.tar')['step'] == split_at
+    assert train(params(split, steps))['start_step'] == split_at
+    a, b = load(straight / 'jepa-latest.pth.tar'), load(split / 'jepa-latest.pth.tar')
+    assert a['step'] == b['step'] == steps
+    assert_same_weights(a, b)
+    for sa, sb in zip(a['opt']['state'].values(), b['opt']['state'].values()):   # the optimizer continues too
+        assert torch.equal(sa['exp_avg'], sb['exp_avg'])
+    return read_csv(straight / 'jepa_r0.csv')[1], read_csv(split / 'jepa_r0.csv')[1]

@@ -19,7 +19,7 @@ from src.masks.saliency import random_boxes, select_regions
 from src.models.predictor import pack, plan_steps, predict_chained, predict_pairs
 from src.objectives.dseq import DSeqJEPA, apply_curriculum, make_dseq_collator, order_slots
 from src.train import main as train_main
-from tests.helpers import assert_same_weights, load, read_csv, tiny_params
+from tests.helpers import read_csv, tiny_params, train_straight_and_resumed
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures('one_thread')]
 
@@ -468,17 +468,7 @@ def test_dseq_resume_is_bit_for_bit(tmp_path, num_workers):
     def params(folder, steps):
         return tiny_params(folder, **{'meta.method': 'dseq', 'meta.use_cls_token': True, 'data.limit_images': 32,
                                       'data.num_workers': num_workers, 'optimization.max_steps': steps})
-    straight, split = tmp_path / 'straight', tmp_path / 'split'
-    train_main(params(straight, 6))
-    train_main(params(split, 3))
-    assert train_main(params(split, 6))['start_step'] == 3
-    a, b = load(straight / 'jepa-latest.pth.tar'), load(split / 'jepa-latest.pth.tar')
-    assert a['step'] == b['step'] == 6
-    assert_same_weights(a, b)
-    for sa, sb in zip(a['opt']['state'].values(), b['opt']['state'].values()):
-        assert torch.equal(sa['exp_avg'], sb['exp_avg'])
-    _, rows_a = read_csv(straight / 'jepa_r0.csv')
-    _, rows_b = read_csv(split / 'jepa_r0.csv')
+    rows_a, rows_b = train_straight_and_resumed(train_main, params, tmp_path, steps=6, split_at=3)
     assert len(rows_a) == len(rows_b) == 6
     for column in ['loss'] + DSEQ_STATS:
         assert [r[column] for r in rows_a] == [r[column] for r in rows_b], column

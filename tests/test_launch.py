@@ -28,6 +28,13 @@ def ddp_params(folder, **overrides):
                                   'logging.save_all_ranks': True, **overrides})
 
 
+def missing_dataset_config(tmp_path):
+    """A two-rank config whose image folder does not exist: every process fails when it builds its data."""
+    params = ddp_params(tmp_path / 'out', **{'data.dataset': 'imagefolder',
+                                             'data.root_path': str(tmp_path / 'missing')})
+    return write_config(tmp_path / 'cfg.yaml', params)
+
+
 def assert_two_ranks_trained(folder, steps=4):
     r0, r1 = load(folder / 'jepa-latest.pth.tar'), load(folder / 'jepa-latest_r1.pth.tar')
     assert_same_weights(r0, r1)
@@ -78,9 +85,7 @@ def test_main_two_cpu_processes_train_dseq_with_ddp(tmp_path, prediction):
 
 @pytest.mark.timeout(90)
 def test_main_error_in_a_process_stops_the_run(tmp_path):
-    params = ddp_params(tmp_path / 'out', **{'data.dataset': 'imagefolder',
-                                             'data.root_path': str(tmp_path / 'missing')})
-    fname = write_config(tmp_path / 'cfg.yaml', params)
+    fname = missing_dataset_config(tmp_path)
     proc = run('main.py', '--fname', fname, '--devices', 'cpu', 'cpu', timeout=80)
     assert proc.returncode != 0
     assert 'missing' in proc.stderr, proc.stderr[-3000:]
@@ -100,9 +105,7 @@ def test_main_distributed_local_executor_two_tasks(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_main_distributed_wait_reports_a_failed_job(tmp_path):
-    params = ddp_params(tmp_path / 'out', **{'data.dataset': 'imagefolder',
-                                             'data.root_path': str(tmp_path / 'missing')})
-    fname = write_config(tmp_path / 'cfg.yaml', params)
+    fname = missing_dataset_config(tmp_path)
     proc = run('main_distributed.py', '--fname', fname, '--folder', tmp_path / 'submitit', '--cluster', 'local',
                '--tasks-per-node', 2, '--gpus-per-node', 0, '--time', 3, '--wait', timeout=55)
     assert proc.returncode != 0

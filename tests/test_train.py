@@ -8,7 +8,7 @@ import torch
 from src.objectives.ijepa import IJEPA
 from src.train import NonFiniteLossError, main as train_main
 from src.utils.schedulers import CosineWDSchedule, WarmupCosineSchedule
-from tests.helpers import assert_same_weights, load, read_csv, tiny_params
+from tests.helpers import load, read_csv, tiny_params, train_straight_and_resumed
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,23 +44,11 @@ def test_loss_falls(tmp_path):
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_resume_is_bit_for_bit(tmp_path, num_workers):
     """N steps straight == N/2 steps, stop, resume, N/2 steps (mid-epoch: 8 batches per epoch)."""
-    straight = tmp_path / 'straight'
-    train_main(tiny_params(straight, **{'data.num_workers': num_workers, 'optimization.max_steps': 10}))
-    split = tmp_path / 'split'
-    train_main(tiny_params(split, **{'data.num_workers': num_workers, 'optimization.max_steps': 5}))
-    assert load(split / 'jepa-latest.pth.tar')['step'] == 5
-    resumed = train_main(tiny_params(split, **{'data.num_workers': num_workers, 'optimization.max_steps': 10}))
-    assert resumed['start_step'] == 5
-    a, b = load(straight / 'jepa-latest.pth.tar'), load(split / 'jepa-latest.pth.tar')
-    assert a['step'] == b['step'] == 10
-    assert_same_weights(a, b)
-    # the optimizer state continues too
-    for sa, sb in zip(a['opt']['state'].values(), b['opt']['state'].values()):
-        assert torch.equal(sa['exp_avg'], sb['exp_avg'])
+    def params(folder, steps):
+        return tiny_params(folder, **{'data.num_workers': num_workers, 'optimization.max_steps': steps})
+    rows_a, rows = train_straight_and_resumed(train_main, params, tmp_path, steps=10, split_at=5)
     # the resumed CSV holds each step once, in order
-    _, rows = read_csv(split / 'jepa_r0.csv')
     assert [(int(r['epoch']), int(r['itr'])) for r in rows] == [(1 + s // 8, s % 8) for s in range(10)]
-    _, rows_a = read_csv(straight / 'jepa_r0.csv')
     assert [r['loss'] for r in rows] == [r['loss'] for r in rows_a]
 
 

@@ -184,7 +184,7 @@ class DSeqJEPA:
             salient = torch.zeros_like(draws['boxes'])
         return apply_curriculum(salient, draws['boxes'], draws['keep'], c.fill_first_region) + (salient,)
 
-    def loss_fn(self, preds, targets, valid):
+    def loss_fn(self, preds, targets, valid, batch_size):
         """Smooth-L1 per target token, reduced per region (mean per step, summed over steps, mean over images)
         or pooled over all target tokens."""
         per_token = F.smooth_l1_loss(preds, targets, reduction='none', beta=self.cfg.loss_beta).mean(dim=-1)
@@ -192,11 +192,10 @@ class DSeqJEPA:
         if self.cfg.loss_reduction == 'pooled':
             return per_token.sum() / valid.sum().clamp_min(1)
         per_step = per_token.sum(dim=1) / valid.sum(dim=1).clamp_min(1)     # (M,)
-        return per_step.sum() / self.batch_size
+        return per_step.sum() / batch_size
 
     def __call__(self, batch, step):
         (imgs, _), draws = batch
-        self.batch_size = len(imgs)
         with torch.no_grad():
             h, saliency = self.encode_target(imgs)
             timer = Elapsed(imgs.device)                                    # region selection (+ curriculum)
@@ -209,7 +208,7 @@ class DSeqJEPA:
         preds, tgt_ids, tgt_valid, image_index = predict(self.encoder, self.predictor, imgs, context_mask,
                                                          target_mask)
         targets = gather_tokens(h[image_index], tgt_ids)                    # (M, T, D)
-        loss = self.loss_fn(preds, targets, tgt_valid)
+        loss = self.loss_fn(preds, targets, tgt_valid, batch_size=len(imgs))
         nonempty = regions.any(dim=2)
         stats = {
             'mask-A': context_mask.sum(dim=2).float().mean(),              # mean context size of a step
