@@ -25,7 +25,7 @@ def opencv_regions(saliency, grid_size, num_regions, min_area):
     gh, gw = grid_size
     maps = saliency.detach().float().cpu().numpy()                          # device -> host
     B, N = maps.shape
-    out = np.zeros((B, num_regions, N), dtype=bool)
+    per_image = []
     for b in range(B):
         a = maps[b]
         s = (a - a.min()) / (a.max() - a.min() + np.float32(1e-6))
@@ -39,12 +39,14 @@ def opencv_regions(saliency, grid_size, num_regions, min_area):
                 continue
             candidates.append((s[mask].mean(), mask))
         candidates.sort(key=lambda c: c[0], reverse=True)
+        regions = np.zeros((num_regions, N), dtype=bool)
         union = np.zeros(N, dtype=bool)
         for k, (_, mask) in enumerate(candidates[:num_regions - 1]):
-            out[b, k] = mask
+            regions[k] = mask
             union |= mask
-        out[b, -1] = ~union
-    return torch.from_numpy(out).to(saliency.device)
+        regions[-1] = ~union
+        per_image.append(torch.from_numpy(regions))                         # as the official code collects them
+    return torch.stack(per_image).to(saliency.device)
 
 
 def smooth_maps(B, grid_size, generator):

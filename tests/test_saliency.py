@@ -289,6 +289,27 @@ def ref_first_patch_labels(fg, grid):
     return torch.from_numpy(labels)
 
 
+def ref_first_patch_radius(fg, grid):
+    """The largest 8-connected path length from a component's first patch to one of its patches (breadth-first)."""
+    gh, gw = grid
+    fg = fg.numpy().reshape(grid)
+    radius = 0
+    for comp in ref_components(fg):
+        dist = {comp[0]: 0}
+        queue = deque([comp[0]])
+        while queue:
+            p = queue.popleft()
+            y, x = divmod(p, gw)
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    q = (y + dy) * gw + x + dx
+                    if 0 <= y + dy < gh and 0 <= x + dx < gw and fg[y + dy, x + dx] and q not in dist:
+                        dist[q] = dist[p] + 1
+                        queue.append(q)
+        radius = max(radius, max(dist.values()))
+    return radius
+
+
 @pytest.mark.parametrize('grid', GRIDS, ids=lambda g: f'{g[0]}x{g[1]}')
 def test_connected_components_fixed_rounds_equal_converged(grid):
     gh, gw = grid
@@ -300,19 +321,14 @@ def test_connected_components_fixed_rounds_equal_converged(grid):
     converged = connected_components(fg, grid)
     expected = torch.stack([ref_first_patch_labels(f, grid) for f in fg])
     assert torch.equal(converged, expected)
-    # the smallest round count that reaches the converged labels (bisection), then counts above it, up to N (the
-    # fixed count used off the CPU); one round fewer than needed gives different labels, so the test is sensitive
+    # min-label propagation is final after exactly as many rounds as the longest path from a component's first
+    # patch (the snake here), and one round fewer is not; N rounds (the count used off the CPU) suffice
     def reaches(r):
         return torch.equal(connected_components(fg, grid, max_rounds=r), converged)
-    lo, hi = 0, N                                          # not reached with lo rounds, reached with hi
-    assert reaches(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
-    needed = hi
-    assert 1 < needed <= math.ceil(math.log2(N)) + 1       # hooking + pointer jumping: a few rounds even for the snake
-    assert not reaches(needed - 1)
-    for r in sorted({needed + 1, needed + 5, N}):
+    needed = max(ref_first_patch_radius(f, grid) for f in fg)
+    assert needed >= (gh // 2) * (gw - 2)                   # the snake: far longer than the grid's side
+    assert reaches(needed) and not reaches(needed - 1)
+    for r in sorted({needed + 1, N}):
         assert reaches(r), r
 
 

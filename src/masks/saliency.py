@@ -11,7 +11,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from src.masks.utils import BatchCounter, seed_from
 
@@ -39,67 +38,60 @@ def otsu_threshold(u):
 
     OpenCV's rule (THRESH_OTSU, reference C++ path): t maximises the between-class variance
     q1 * q2 * (mu1 - mu2)^2 over the thresholds that leave both classes non-empty; the first (smallest) t wins
-    among equal maxima; 0 if no threshold separates anything. The variance is computed from integer counts
-    (exact in float64), N^2 * sigma = (M * n1 - N * M1)^2 / (n1 * n2), so that mathematically equal variances
+    among equal maxima; 0 if no threshold separates anything. The variance is computed from integer counts,
+    N^2 * sigma = (M * n1 - N * M1)^2 / (n1 * n2), with the numerator exact, so that mathematically equal variances
     compare equal (OpenCV's floating-point recurrence, and its IPP path, can break such exact ties either way).
     """
     B, N = u.shape
-    hist = torch.zeros(B, 256, dtype=torch.float64, device=u.device)
-    hist.scatter_add_(1, u.long(), torch.ones(B, N, dtype=torch.float64, device=u.device))
-    n1 = hist.cumsum(dim=1)                                               # pixels with u <= t
-    m1 = (hist * torch.arange(256, dtype=torch.float64, device=u.device)).cumsum(dim=1)   # their sum of levels
-    diff = m1[:, -1:] * n1 - N * m1                                       # exact integers: |.| <= 255 N^2
-    # diff is 0 exactly where a class is empty (n1 = 0, or n1 = N and m1 = M): those thresholds get sigma 0
-    sigma = diff * diff / (n1 * (N - n1)).clamp_min(1.)
-    best, t = sigma.max(dim=1)                                            # first maximum
+    levels = u.long()
+    hist = torch.zeros(B, 2, 256, dtype=torch.float64, device=u.device)    # [count, sum of levels] per level
+    hist[:, 0].scatter_add_(1, levels, torch.ones(1, 1, dtype=torch.float64, device=u.device).expand(B, N))
+    hist[:, 1].scatter_add_(1, levels, u.double())
+    n1, m1 = hist.cumsum(dim=2).unbind(1)                                  # pixels with u <= t, and their sum
+    diff = n1 * m1[:, -1:] - N * m1                                        # exact integers; 0 where a class is empty
+    sigma = diff.mul_(diff).div_((N - n1).mul_(n1).clamp_min_(1.))         # N^2 * between-class variance
+    best, t = sigma.max(dim=1)                                             # first maximum
     return t * (best > 0)
-
-
-def _neighbour_min(labels, fill):
-    """Smallest value in each 3x3 neighbourhood of [B, gh, gw] (outside the grid counts as `fill`)."""
-    padded = F.pad(labels, (1, 1, 1, 1), value=fill)                       # (B, gh+2, gw+2)
-    cols = torch.minimum(torch.minimum(padded[:, :, :-2], padded[:, :, 1:-1]), padded[:, :, 2:])  # (B, gh+2, gw)
-    return torch.minimum(torch.minimum(cols[:, :-2], cols[:, 1:-1]), cols[:, 2:])               # (B, gh, gw)
 
 
 def connected_components(foreground, grid_size, max_rounds=None):
     """8-connected components of each image's foreground: [B, N] long, the smallest raster index of the pixel's
     component (its first patch), or N for background.
 
-    A union-find forest built in parallel over the batch: every horizontal run of foreground starts as one tree
-    rooted at its leftmost pixel; each round hooks every root onto the smallest root among its pixels' 3x3
-    neighbours, then compresses the forest by pointer jumping (ceil(log2 N) jumps make any tree flat). Roots only
-    ever point to smaller indices, so the final root of a component is its smallest index. On the CPU it stops as
-    soon as a round changes nothing; elsewhere it runs a fixed number of rounds that suffices for any map, so it
-    never synchronises with the host.
+    Min-label propagation on one flat buffer that holds the whole batch: every foreground pixel starts with its own
+    raster index and each round takes the minimum over its 3x3 neighbourhood (two shifted minimums along the row,
+    two along the column), background pinned to the largest value. Images are separated by a padding row and rows
+    by a padding column, so a shift never crosses from one image or row into another, and every operation is one
+    contiguous vector op on a small integer type (uint8 for up to 254 patches). A component is final after as many
+    rounds as its geodesic radius from its first patch; on the CPU it stops as soon as two rounds change nothing,
+    elsewhere it runs N rounds, which suffice for any map, so it never synchronises with the host.
     """
     B, N = foreground.shape
     gh, gw = grid_size
-    fg = foreground.view(B, gh, gw)
-    col = torch.arange(gw, device=foreground.device)
-    # -- parent of every pixel, plus slot N for the background: start with each run's leftmost pixel
-    last_background = torch.where(fg, -1, col).cummax(dim=2).values         # (B, gh, gw)
-    row_start = torch.arange(gh, device=foreground.device).view(1, gh, 1) * gw
-    start = (row_start + last_background + 1).view(B, N)
-    parent = F.pad(torch.where(foreground, start, N), (0, 1), value=N)      # (B, N + 1), slot N = background
-    background = F.pad(~foreground, (0, 1), value=True)
-    jumps = max(1, math.ceil(math.log2(N)))
-    check = foreground.device.type == 'cpu' if max_rounds is None else False
-    for _ in range(N if max_rounds is None else max_rounds):
-        # -- hook: each root takes the smallest root seen around any of its pixels (background sees N)
-        around = _neighbour_min(parent[:, :N].view(B, gh, gw), N).view(B, N)
-        around = F.pad(around, (0, 1), value=N).masked_fill_(background, N)   # (B, N + 1)
-        new = parent.scatter_reduce(1, parent, around, reduce='amin')
-        if check and torch.equal(new, parent):          # no root moved: the (flat) forest is final
-            break
-        # -- compress: jump to the parent's parent until every tree is flat
-        for _ in range(jumps):
-            hop = new.gather(1, new)
-            if check and torch.equal(hop, new):
+    device = foreground.device
+    dtype = torch.uint8 if N < 255 else torch.int16 if N < 2 ** 15 - 1 else torch.int32
+    top = torch.iinfo(dtype).max                                           # background and padding
+    W = gw + 1                                                             # + one padding column per row
+    # rows of the buffer: one padding row, then per image gh pixel rows and one padding row
+    labels = torch.full((B * (gh + 1) + 1, W), top, dtype=dtype, device=device)
+    pinned = torch.full_like(labels, top)                                  # 0 on foreground pixels, top elsewhere
+    grid = labels[1:].view(B, gh + 1, W)[:, :gh, :gw]                      # (B, gh, gw) view of the pixels
+    grid_pinned = pinned[1:].view(B, gh + 1, W)[:, :gh, :gw]
+    grid_pinned.copy_((~foreground).view(B, gh, gw).to(dtype).mul_(top))
+    torch.maximum(torch.arange(N, dtype=dtype, device=device).view(1, gh, gw), grid_pinned, out=grid)
+    flat, pinned = labels.view(-1), pinned.view(-1)
+    inner = slice(W + 1, flat.numel() - W - 1)                             # positions that have all 8 neighbours
+    check = device.type == 'cpu' if max_rounds is None else False
+    previous = flat.clone() if check else None
+    for r in range(N if max_rounds is None else max_rounds):
+        row = torch.minimum(torch.minimum(flat[:-2], flat[1:-1]), flat[2:])          # row[i]: min of i .. i + 2
+        box = torch.minimum(torch.minimum(row[:-2 * W], row[W:-W]), row[2 * W:])     # box[i]: 3x3 at i + W + 1
+        torch.maximum(box, pinned[inner], out=flat[inner])
+        if check and r % 2:
+            if torch.equal(flat, previous):
                 break
-            new = hop
-        parent = new
-    return parent[:, :N]
+            previous.copy_(flat)
+    return torch.where(foreground, grid.reshape(B, N).long(), N)
 
 
 def select_regions(saliency, grid_size, num_regions, min_area):
@@ -120,24 +112,32 @@ def select_regions(saliency, grid_size, num_regions, min_area):
     if num_regions < 2:
         raise ValueError(f'num_regions must be at least 2, got {num_regions}')
     s = normalise_saliency(saliency)                                       # (B, N) in [0, 1)
-    u = (s * 255).floor().to(torch.uint8)                                  # 8-bit map, as OpenCV sees it
+    u = (s * 255).to(torch.uint8)                                          # floor, as OpenCV's 8-bit map
     foreground = u > otsu_threshold(u).unsqueeze(1).to(torch.uint8)
     roots = connected_components(foreground, grid_size)                    # (B, N), N for background
-    # -- per-component area and mean saliency, indexed by the component's first patch (slot N: background)
-    area = torch.zeros(B, N + 1, dtype=torch.float64, device=s.device).scatter_add_(
-        1, roots, torch.ones_like(s, dtype=torch.float64))[:, :N]
-    total = torch.zeros(B, N + 1, dtype=torch.float64, device=s.device).scatter_add_(
-        1, roots, s.double())[:, :N]
+    # -- per-component area and sum of saliency, indexed by the component's first patch (slot N: background)
+    sums = torch.zeros(B, 2, N + 1, dtype=torch.float64, device=s.device)
+    sums[:, 0].scatter_add_(1, roots, torch.ones(1, 1, dtype=torch.float64, device=s.device).expand(B, N))
+    sums[:, 1].scatter_add_(1, roots, s.double())
+    area, total = sums[:, :, :N].unbind(1)
     kept = area >= min_area * N
-    score = torch.where(kept, total / area.clamp_min(1.), torch.full_like(total, -math.inf))
-    # -- rank: stable sort keeps raster order among equal scores
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_regions - 1]   # (B, R-1)
-    valid = kept.gather(1, order)                                          # (B, R-1)
-    # -- region number of every component (R - 1 = background), looked up by each pixel's root
-    rank = torch.arange(num_regions - 1, device=s.device).expand_as(order)
-    table = torch.full((B, N + 1), num_regions - 1, device=s.device, dtype=torch.long)
-    table.scatter_(1, torch.where(valid, order, N), torch.where(valid, rank, num_regions - 1))
-    region = table.gather(1, roots)                                        # (B, N) in 0..R-1
+    score = torch.where(kept, total / area.clamp_min(1.), -math.inf)      # (B, N)
+    # -- rank by score, ties by raster order of the first patch. At most `most` components can pass the area
+    # filter, so only that many candidates (taken in raster order) need the stable sort
+    K = num_regions - 1
+    most = min(N, N // max(1, math.ceil(min_area * N)))
+    candidates = score.topk(most, dim=1, sorted=False).indices.sort(dim=1).values if most < N else None
+    if candidates is not None:
+        order = candidates.gather(1, torch.sort(score.gather(1, candidates), dim=1, descending=True,
+                                                stable=True).indices[:, :K])
+    else:
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :K]
+    valid = kept.gather(1, order)                                          # (B, min(K, most))
+    # -- region number of every component (K = background), looked up by each pixel's root
+    rank = torch.arange(order.shape[1], device=s.device).expand_as(order)
+    table = torch.full((B, N + 1), K, device=s.device, dtype=torch.long)
+    table.scatter_(1, torch.where(valid, order, N), torch.where(valid, rank, K))
+    region = table.gather(1, roots)                                        # (B, N) in 0..K
     return region.unsqueeze(1) == torch.arange(num_regions, device=s.device).view(1, -1, 1)   # (B, R, N)
 
 
