@@ -117,6 +117,9 @@ class DSeqConfig:
     fill_first_region: bool = True       # an image with no salient region takes a random box as R_1
     loss_reduction: str = 'per_region'   # per_region: per-step mean, summed over steps | pooled: mean of tokens
     loss_beta: float = 1.0               # smooth-L1 beta
+    static_shapes: bool = False          # true: no host synchronisation in the step; every step is padded to the
+                                         # full grid (more encoder work: S * N tokens per image instead of the
+                                         # contexts' sizes). false: one read of the sizes per step, no padding waste
 
 
 @dataclass

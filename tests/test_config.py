@@ -58,6 +58,32 @@ def test_every_shipped_config_trains_two_steps_at_tiny_size(path, tmp_path):
     ('meta', 'model_name', 'vit_enormous', 'meta.model_name'),          # not in the registry
     ('meta', 'method', 'mae', 'meta.method'),
 ])
+def marked_keys(path):
+    """(section, key) of every line marked '# <- ablation' in a config file."""
+    marked, section = set(), None
+    for line in open(path):
+        if line.strip() and not line.startswith((' ', '#')):
+            section = line.split(':')[0].strip()
+        elif '# <- ablation' in line:
+            marked.add((section, line.split(':')[0].strip()))
+    return marked
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob('configs/ablations/**/*.yaml', recursive=True)),
+                         ids=os.path.basename)
+def test_ablation_differs_from_the_vitb16_recipe_only_in_marked_keys(path):
+    """Each ablation is configs/in1k_vitb16_dseq.yaml with only the keys marked '<- ablation' changed (plus its
+    own log folder; an I-JEPA arm leaves out the dseq section, which I-JEPA ignores)."""
+    base, ablation = (yaml.safe_load(open(f)) for f in ('configs/in1k_vitb16_dseq.yaml', path))
+    changed = {(section, key) for section, values in base.items() for key in values
+               if ablation.get(section, {}).get(key, values[key]) != values[key]}
+    changed |= {(section, key) for section, values in ablation.items() for key in values
+                if key not in base.get(section, {})}
+    assert changed - {('logging', 'folder')} == marked_keys(path)
+    if ablation['meta'].get('method', 'ijepa') == 'dseq':
+        assert ablation['dseq'].keys() == base['dseq'].keys()
+
+
 def test_bad_key_or_type_names_the_key(section, key, value, expected):
     params = {'data': {'dataset': 'synthetic'}}
     params.setdefault(section, {})[key] = value

@@ -414,7 +414,79 @@ def test_without_fill_first_region_such_an_image_gives_no_loss(tmp_path, monkeyp
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 6. End to end: every variant trains a few steps and logs the DSeq columns
+# 6. Static shapes (dseq.static_shapes): the same loss and gradients, and nothing read from the device
+# --------------------------------------------------------------------------------------------------------------
+
+def static_setup(tmp_path, monkeypatch, prediction, static):
+    """The objective and one batch of 4 (lambda 0.5, fill_first_region off, so some images have empty regions or
+    no context and some of their steps are skipped)."""
+    saliency = constant_then_planted(4)
+    monkeypatch.setattr(dseq, 'cls_similarity_saliency', lambda feats, cls: saliency)
+    params = tiny_params(tmp_path, **{'meta.method': 'dseq', 'meta.use_cls_token': True,
+                                      'dseq.prediction': prediction, 'dseq.fill_first_region': False,
+                                      'dseq.static_shapes': static, 'dseq.lambda_start': 0.5,
+                                      'dseq.lambda_end': 0.5})
+    cfg = parse_config(params)
+    encoder, predictor = tiny_models(True)
+    encoder.train()
+    objective = DSeqJEPA(cfg, encoder, predictor, copy.deepcopy(encoder))
+    g = torch.Generator().manual_seed(0)
+    batch = make_dseq_collator(cfg)([(torch.randn(3, CROP, CROP, generator=g), 0) for _ in range(4)])
+    return objective, batch
+
+
+def step_with_backward(objective, batch):
+    loss, stats = objective(batch, 0)
+    loss.backward()
+    return loss.detach(), stats
+
+
+def gradients(objective):
+    return {f'{prefix}.{n}': q.grad.clone() for prefix, m in (('encoder', objective.encoder),
+                                                              ('predictor', objective.predictor))
+            for n, q in m.named_parameters() if q.grad is not None}
+
+
+@pytest.mark.parametrize('prediction', ['sequential', 'flat', 'chained'])
+def test_static_shapes_give_the_same_loss_and_gradients(tmp_path, monkeypatch, prediction):
+    dynamic, batch = static_setup(tmp_path, monkeypatch, prediction, static=False)
+    static, _ = static_setup(tmp_path, monkeypatch, prediction, static=True)
+    loss, stats = step_with_backward(dynamic, batch)
+    loss_s, _ = step_with_backward(static, batch)
+    assert stats['steps'].item() < 5 - 1 and loss > 0      # the batch exercises skipped pairs
+    assert torch.allclose(loss_s, loss, rtol=1e-5, atol=1e-7)
+    grads, grads_s = gradients(dynamic), gradients(static)
+    assert grads.keys() == grads_s.keys() and len(grads) > 0
+    for name in grads:
+        assert torch.allclose(grads_s[name], grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def refuse_host_reads(m):
+    def refuse(*args, **kwargs):
+        raise AssertionError('host synchronisation in the step')
+    for name in ('item', 'tolist', '__bool__', '__int__', '__float__', '__index__', 'nonzero', 'cpu', 'numpy'):
+        m.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize('prediction', ['sequential', 'flat', 'chained'])
+def test_static_shapes_read_nothing_from_the_device(tmp_path, monkeypatch, prediction):
+    """With static_shapes, the step (regions, curriculum, steps, encoder, predictor, loss, backward) never turns
+    a tensor into a Python value. (On the CPU, connected_components stops early through torch.equal; off the CPU
+    it runs its fixed number of rounds instead.)"""
+    objective, batch = static_setup(tmp_path, monkeypatch, prediction, static=True)
+    with monkeypatch.context() as m:
+        refuse_host_reads(m)
+        loss, _ = step_with_backward(objective, batch)
+    assert torch.isfinite(loss).item() and loss.item() > 0
+    objective, batch = static_setup(tmp_path, monkeypatch, prediction, static=False)
+    with pytest.raises(AssertionError, match='host synchronisation'):   # the default path reads the sizes
+        with monkeypatch.context() as m:
+            refuse_host_reads(m)
+            step_with_backward(objective, batch)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. End to end: every variant trains a few steps and logs the DSeq columns
 # --------------------------------------------------------------------------------------------------------------
 
 VARIANTS = {

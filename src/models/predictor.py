@@ -65,14 +65,18 @@ def length_buckets(lengths, max_buckets=4, max_waste=0.25):
     return groups + [current] if current else groups
 
 
-def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_buckets=4):
+def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_buckets=4, static=False):
     """Encode each kept (image, step) pair's context by token dropping and predict its target.
 
     context_mask / target_mask: bool [B, S, N]. Returns (predictions [M, T, D], target ids [M, T],
     target valid [M, T], image index [M]); pairs whose context or target is empty are left out.
     Pairs are processed in up to `max_buckets` groups of similar context + target length, each padded to its own
     longest (contexts of later steps are longer: one padded batch would waste up to half its tokens).
+    With `static`, no size is read from the device: all B * S pairs are kept (empty ones with no valid target)
+    and padded to N context and N target tokens, so the shapes are fixed and the step never synchronises.
     """
+    if static:
+        return _predict_static(encoder, predictor, imgs, context_mask, target_mask)
     kept = context_mask.any(dim=2) & target_mask.any(dim=2)                # (B, S)
     image_index, step_index = kept.nonzero(as_tuple=True)                  # (M,), (M,)
     contexts, targets = context_mask[image_index, step_index], target_mask[image_index, step_index]  # (M, N)
@@ -99,28 +103,46 @@ def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_bucke
             image_index)
 
 
+def _predict_static(encoder, predictor, imgs, context_mask, target_mask):
+    B, S, N = context_mask.shape
+    contexts, targets = context_mask.reshape(B * S, N), target_mask.reshape(B * S, N)
+    kept = contexts.any(dim=1) & targets.any(dim=1)                        # (B*S,)
+    image_index = torch.arange(B, device=imgs.device).repeat_interleave(S)  # (image, step) order
+    ctx_ids, ctx_valid = pack(contexts, N)
+    ctx_valid[:, 0] |= ~kept         # a skipped pair attends to one (ignored) key, so its outputs stay finite
+    tgt_ids, tgt_valid = pack(targets, N)
+    tgt_valid &= kept.unsqueeze(1)
+    z = encoder(imgs, masks=[ctx_ids], image_index=image_index, key_valid=ctx_valid)            # (B*S, N, D)
+    preds = predictor(z, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid)  # (B*S, N, D)
+    return preds, tgt_ids, tgt_valid, image_index
+
+
 def _pad_tokens(t, T, value):
     """Pad dimension 1 of [B, K] or [B, K, D] to length T."""
     pad = (0, 0, 0, T - t.shape[1]) if t.dim() == 3 else (0, T - t.shape[1])
     return torch.nn.functional.pad(t, pad, value=value)
 
 
-def predict_chained(encoder, predictor, imgs, context_mask, target_mask):
+def predict_chained(encoder, predictor, imgs, context_mask, target_mask, static=False):
     """Chained mode: one context pass on R_1, then the steps in order, each seeing the earlier predictions.
 
-    Returns the same as `predict_pairs` (pairs ordered step by step)."""
+    Returns the same as `predict_pairs` (pairs ordered step by step). With `static`, every packed set is padded
+    to N tokens instead of its largest size, so no size is read from the device."""
     B, S, N = target_mask.shape
+    K = N if static else None
     first = context_mask[:, 0]                                             # R_1, (B, N)
-    ctx_ids, ctx_valid = pack(first)                                       # (B, L)
+    ctx_ids, ctx_valid = pack(first, K)                                    # (B, L)
+    if static:
+        ctx_valid[:, 0] |= ~first.any(dim=1)     # an image with no context attends to one (ignored) key
     z = encoder(imgs, masks=[ctx_ids], key_valid=ctx_valid)                # (B, L, D)
     D = z.shape[-1]
     canvas = z.new_zeros(B, N, D)                                          # predicted features so far
     predicted = torch.zeros_like(first)                                    # (B, N) True where predicted
     outputs = []
     for k in range(S):
-        tgt_ids, tgt_valid = pack(target_mask[:, k])                       # (B, T)
-        extra_ids, extra_valid = pack(predicted) if k > 0 else (None, None)
-        if extra_ids is not None and bool(extra_valid.any()):
+        tgt_ids, tgt_valid = pack(target_mask[:, k], K)                    # (B, T)
+        extra_ids, extra_valid = pack(predicted, K) if k > 0 else (None, None)
+        if extra_ids is not None and (static or bool(extra_valid.any())):
             x = torch.cat([z, gather_tokens(canvas, extra_ids)], dim=1)    # context + own predictions
             x_ids = torch.cat([ctx_ids, extra_ids], dim=1)
             x_valid = torch.cat([ctx_valid, extra_valid], dim=1)

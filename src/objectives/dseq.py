@@ -206,7 +206,7 @@ class DSeqJEPA:
             context_mask, target_mask = plan_steps(regions, self.cfg.prediction)
         predict = predict_chained if self.cfg.prediction == 'chained' else predict_pairs
         preds, tgt_ids, tgt_valid, image_index = predict(self.encoder, self.predictor, imgs, context_mask,
-                                                         target_mask)
+                                                         target_mask, static=self.cfg.static_shapes)
         targets = gather_tokens(h[image_index], tgt_ids)                    # (M, T, D)
         loss = self.loss_fn(preds, targets, tgt_valid, batch_size=len(imgs))
         nonempty = regions.any(dim=2)
