@@ -48,16 +48,6 @@ def test_every_shipped_config_trains_two_steps_at_tiny_size(path, tmp_path):
     assert out['step'] == 2 and out['loss'] == out['loss']   # finished, finite
 
 
-@pytest.mark.parametrize('section,key,value,expected', [
-    ('mask', 'num_pred_mask', 4, 'mask.num_pred_mask'),                 # misspelled key
-    ('optimization', 'learning_rate', 0.1, 'optimization.learning_rate'),
-    ('data', 'batch_size', 'big', 'data.batch_size'),                   # wrong type
-    ('data', 'batch_size', True, 'data.batch_size'),                    # bools are not ints
-    ('meta', 'use_bfloat16', 'yes', 'meta.use_bfloat16'),
-    ('mask', 'pred_mask_scale', [0.1], 'mask.pred_mask_scale'),         # wrong length
-    ('meta', 'model_name', 'vit_enormous', 'meta.model_name'),          # not in the registry
-    ('meta', 'method', 'mae', 'meta.method'),
-])
 def marked_keys(path):
     """(section, key) of every line marked '# <- ablation' in a config file."""
     marked, section = set(), None
@@ -84,6 +74,16 @@ def test_ablation_differs_from_the_vitb16_recipe_only_in_marked_keys(path):
         assert ablation['dseq'].keys() == base['dseq'].keys()
 
 
+@pytest.mark.parametrize('section,key,value,expected', [
+    ('mask', 'num_pred_mask', 4, 'mask.num_pred_mask'),                 # misspelled key
+    ('optimization', 'learning_rate', 0.1, 'optimization.learning_rate'),
+    ('data', 'batch_size', 'big', 'data.batch_size'),                   # wrong type
+    ('data', 'batch_size', True, 'data.batch_size'),                    # bools are not ints
+    ('meta', 'use_bfloat16', 'yes', 'meta.use_bfloat16'),
+    ('mask', 'pred_mask_scale', [0.1], 'mask.pred_mask_scale'),         # wrong length
+    ('meta', 'model_name', 'vit_enormous', 'meta.model_name'),          # not in the registry
+    ('meta', 'method', 'mae', 'meta.method'),
+])
 def test_bad_key_or_type_names_the_key(section, key, value, expected):
     params = {'data': {'dataset': 'synthetic'}}
     params.setdefault(section, {})[key] = value
