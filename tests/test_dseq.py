@@ -238,12 +238,18 @@ def test_predictor_padding_equals_unpadded_rows():
         preds = predictor(z, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid)   # (4, T, D)
         z_junk = torch.where(ctx_valid.unsqueeze(-1), z, 100 * torch.randn(z.shape, generator=g))
         preds_junk = predictor(z_junk, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid)
-    assert preds.shape == (4, T, 32)
+        # compact rows: each row's real tokens moved to its front, blocks on max(nc + nt) tokens only
+        K = max(c + t for c, t in zip(ctx_sizes, tgt_sizes))
+        assert K < L + T
+        preds_compact = predictor(z_junk, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid,
+                                  compact_length=K)
+    assert preds.shape == preds_compact.shape == (4, T, 32)
     for m, (nc, nt) in enumerate(zip(ctx_sizes, tgt_sizes)):
         with torch.no_grad():
             alone = predictor(z[m:m + 1, :nc], [ctx_ids[m:m + 1, :nc]], [tgt_ids[m:m + 1, :nt]])   # (1, nt, D)
         assert torch.allclose(preds[m, :nt], alone[0], atol=1e-5, rtol=1e-4), m
         assert torch.allclose(preds_junk[m, :nt], alone[0], atol=1e-5, rtol=1e-4), m   # padding content unused
+        assert torch.allclose(preds_compact[m, :nt], alone[0], atol=1e-5, rtol=1e-4), m
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 # real (non-padding) entries of a padded id tensor.
 
 import torch
+import torch.nn.functional as F
 
 
 def plan_steps(regions, prediction='sequential', max_steps=None):
@@ -81,26 +82,50 @@ def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_bucke
     image_index, step_index = kept.nonzero(as_tuple=True)                  # (M,), (M,)
     contexts, targets = context_mask[image_index, step_index], target_mask[image_index, step_index]  # (M, N)
     sizes = torch.stack([contexts.sum(dim=1), targets.sum(dim=1)], dim=1).tolist()   # the step's one host sync
-    lengths = [c + t for c, t in sizes]
-    outputs, groups = [], length_buckets(lengths, max_buckets) if lengths else [[]]
-    for group in groups:
-        rows = torch.as_tensor(group, dtype=torch.long, device=contexts.device)
-        L = max([sizes[i][0] for i in group], default=1)
+    M, device = len(sizes), contexts.device
+    ctx_len = [c for c, _ in sizes]
+    L = max(ctx_len, default=1)
+    ctx_ids, ctx_valid = pack(contexts, L)                                 # (M, L), every pair
+    # -- context encoder: groups of similar context length, each padded to its own longest, then back to
+    # (image, step) order padded to L
+    groups = length_buckets(ctx_len, max_buckets) if M else [[]]
+    z = [encoder(imgs, masks=[ctx_ids[rows, :l]], image_index=image_index[rows], key_valid=ctx_valid[rows, :l])
+         for _, rows, l in _groups(groups, ctx_len, device)]               # (m, l, D) each
+    z = torch.cat([F.pad(part, (0, 0, 0, L - part.shape[1])) for part in z])[_restore(groups, device)]  # (M, L, D)
+    # -- predictor: groups of similar context + target length; in each row the real context and target tokens
+    # are moved together (compact_length), so neither a short context nor a short target is padded
+    total = [c + t for c, t in sizes]
+    groups = length_buckets(total, max_buckets) if M else [[]]
+    outputs = []
+    for group, rows, k in _groups(groups, total, device):
+        l = max([sizes[i][0] for i in group], default=1)
         T = max([sizes[i][1] for i in group], default=1)
-        ctx_ids, ctx_valid = pack(contexts[rows], L)                       # (m, L)
         tgt_ids, tgt_valid = pack(targets[rows], T)                        # (m, T)
-        z = encoder(imgs, masks=[ctx_ids], image_index=image_index[rows], key_valid=ctx_valid)          # (m, L, D)
-        preds = predictor(z, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid)     # (m, T, D)
-        outputs.append((preds, tgt_ids, tgt_valid, image_index[rows]))
+        preds = predictor(z[rows, :l], [ctx_ids[rows, :l]], [tgt_ids], context_valid=ctx_valid[rows, :l],
+                          target_valid=tgt_valid, compact_length=k)        # (m, T, D)
+        outputs.append((preds, tgt_ids, tgt_valid))
     # -- back to (image, step) order, every group padded to the longest target
     T = max(o[0].shape[1] for o in outputs)
-    restore = torch.empty(len(lengths), dtype=torch.long, device=contexts.device)
-    restore[torch.as_tensor([i for g in groups for i in g], dtype=torch.long, device=contexts.device)] = torch.arange(
-        len(lengths), device=contexts.device)
+    restore = _restore(groups, device)
     return (torch.cat([_pad_tokens(o[0], T, 0.) for o in outputs])[restore],
             torch.cat([_pad_tokens(o[1], T, 0) for o in outputs])[restore],
             torch.cat([_pad_tokens(o[2], T, False) for o in outputs])[restore],
             image_index)
+
+
+def _groups(groups, lengths, device):
+    """(pair indices, the same on the device, longest length) of each group of pairs."""
+    for group in groups:
+        yield (group, torch.as_tensor(group, dtype=torch.long, device=device),
+               max([lengths[i] for i in group], default=1))
+
+
+def _restore(groups, device):
+    """Index that puts the concatenated groups back in pair order."""
+    order = [i for g in groups for i in g]
+    restore = torch.empty(len(order), dtype=torch.long, device=device)
+    restore[torch.as_tensor(order, dtype=torch.long, device=device)] = torch.arange(len(order), device=device)
+    return restore
 
 
 def _predict_static(encoder, predictor, imgs, context_mask, target_mask):

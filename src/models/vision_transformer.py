@@ -425,9 +425,12 @@ class VisionTransformerPredictor(nn.Module):
         init_weights(self, self.predictor_blocks, init_std=init_std, init_rescale=init_rescale)
         trunc_normal_(self.mask_token, std=init_std)
 
-    def forward(self, x, masks_x, masks, context_valid=None, target_valid=None):
+    def forward(self, x, masks_x, masks, context_valid=None, target_valid=None, compact_length=None):
         """context_valid [B, K_ctx] / target_valid [B, K_tgt] (optional, one context and one target set): False
-        marks padding, which no token attends to."""
+        marks padding, which no token attends to. compact_length (with those masks): the largest number of real
+        tokens in a row; each row's real context and target tokens are moved to its front and the blocks run on
+        that many tokens only (attention and the MLP do not depend on token order, so the result is the same
+        without the padding between a short context and its targets)."""
         if masks is None or masks_x is None:
             raise ValueError('the predictor needs context (masks_x) and target (masks) indices')
         masks_x = masks_x if isinstance(masks_x, list) else [masks_x]
@@ -448,9 +451,16 @@ class VisionTransformerPredictor(nn.Module):
             ctx = context_valid if context_valid is not None else x.new_ones(x.shape[0], N_ctxt, dtype=torch.bool)
             tgt = target_valid if target_valid is not None else x.new_ones(x.shape[0], x.shape[1] - N_ctxt,
                                                                           dtype=torch.bool)
-            attn_mask = torch.cat([ctx, tgt], dim=1)[:, None, None, :]           # (B, 1, 1, K_ctx+K_tgt)
+            valid = torch.cat([ctx, tgt], dim=1)                                 # (B, K_ctx+K_tgt)
+            if compact_length is not None and compact_length < valid.shape[1]:
+                front = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :compact_length]
+                full, x = x, x.gather(1, front.unsqueeze(-1).expand(-1, -1, x.shape[-1]))   # (B, K, Dp)
+                valid = valid.gather(1, front)
+            attn_mask = valid[:, None, None, :]                                  # (B, 1, 1, K)
         for blk in self.predictor_blocks:
             x = blk(x, attn_mask=attn_mask)
+        if attn_mask is not None and x.shape[1] < N_ctxt + masks[0].shape[1]:    # back to the [ctx, tgt] layout
+            x = torch.zeros_like(full).scatter(1, front.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
         x = self.predictor_norm(x[:, N_ctxt:])
         return self.predictor_proj(x)                                         # (npred*nenc*B, K_tgt, D)
 
