@@ -194,7 +194,8 @@ def _coerce(value, hint, key):
     raise TypeError(f'unsupported config type {hint} for {key}')
 
 
-def _build(cls, values, prefix):
+def build_section(cls, values, prefix):
+    """A dataclass `cls` from a yaml mapping, checking every key and type (`prefix` names the section in errors)."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -210,7 +211,7 @@ def _build(cls, values, prefix):
     for name in names & set(values):
         key = f'{prefix}{name}'
         if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], values[name], key + '.')
+            kwargs[name] = build_section(hints[name], values[name], key + '.')
         else:
             kwargs[name] = _coerce(values[name], hints[name], key)
     return cls(**kwargs)
@@ -284,7 +285,7 @@ def _validate(cfg):
 
 def parse_config(params):
     """A dict as read from yaml (ijepa's `args`) -> validated `Config`."""
-    return _validate(_build(Config, params, ''))
+    return _validate(build_section(Config, params, ''))
 
 
 def load_config(fname):

@@ -158,3 +158,49 @@ def init_opt(
     wd_scheduler = CosineWDSchedule(optimizer, ref_wd=wd, final_wd=final_wd, T_max=total)
     scaler = torch.amp.GradScaler('cuda') if use_bfloat16 and torch.cuda.is_available() else None
     return optimizer, scaler, scheduler, wd_scheduler
+
+
+def load_encoder(path=None, which='target_encoder', device='cpu', model_name=None, patch_size=None, crop_size=None,
+                 use_cls_token=False):
+    """A frozen encoder for evaluation, and a dict describing it.
+
+    From any checkpoint this project writes (I-JEPA or DSeq-JEPA, with or without [CLS], with or without
+    'module.') the architecture comes from the checkpoint's own config; ijepa's released checkpoints carry no config,
+    so `model_name` and `patch_size` must be given. The crop size follows from the position embedding and the
+    [CLS] token from the weights. `which`: 'target_encoder' (default, the EMA encoder) or 'encoder'.
+    With path None: a randomly initialised encoder of the given architecture (the baseline of a probe).
+    """
+    state, cfg, extras = None, {}, {}
+    if path is not None:
+        checkpoint = torch_load(path)
+        if which not in checkpoint:
+            raise KeyError(f'{path} has no {which!r}; it holds {sorted(checkpoint)}')
+        state = strip_module_prefix(checkpoint[which])
+        cfg = checkpoint.get('config') or {}
+        extras = {k: checkpoint[k] for k in ('epoch', 'step', 'method') if k in checkpoint}
+    model_name = model_name or cfg.get('meta', {}).get('model_name')
+    patch_size = patch_size or cfg.get('mask', {}).get('patch_size')
+    if model_name is None or patch_size is None:
+        raise ValueError(f'{path}: the checkpoint has no config; give model_name and patch_size '
+                         '(e.g. vit_huge and 14 for ijepa\'s released IN-1K ViT-H/14)')
+    if model_name not in vit.VIT_SIZES:
+        raise ValueError(f'unknown model_name {model_name!r}; choose one of {list(vit.VIT_SIZES)}')
+    if state is not None:
+        use_cls_token = 'cls_token' in state
+        num_patches = state['pos_embed'].shape[1]
+        side = int(round(num_patches ** 0.5))
+        stored = cfg.get('data', {}).get('crop_size')
+        crop_size = crop_size or (stored if stored and (stored // patch_size) ** 2 == num_patches else side * patch_size)
+    crop_size = crop_size or 224
+    encoder = vit.__dict__[model_name](img_size=[crop_size], patch_size=patch_size, use_cls_token=use_cls_token)
+    if state is not None:
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as e:
+            raise RuntimeError(f'{path}: {which} does not fit {model_name}/{patch_size}: {e}') from e
+    encoder.to(device).eval().requires_grad_(False)
+    info = {'checkpoint': path, 'which': which if path else 'random_init', 'model_name': model_name,
+            'patch_size': patch_size, 'crop_size': crop_size, 'use_cls_token': use_cls_token,
+            'normalization': cfg.get('data', {}).get('normalization', ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+            **extras}
+    return encoder, info

@@ -1,0 +1,136 @@
+# Evaluation datasets: a registry name -> (train split, test split) builder. Every dataset yields (image, label)
+# with integer labels 0..C-1; images go through the deterministic evaluation transform (resize, centre crop,
+# normalise). torchvision's classes read their standard on-disk formats; nothing is downloaded here.
+
+import os
+
+import torch
+import torchvision
+import torchvision.transforms as transforms
+from torch.utils.data import Dataset, Subset
+
+FASHION_MNIST_TOPS = (0, 2, 4, 6)        # T-shirt/top, Pullover, Coat, Shirt: the confusable upper-body classes
+
+
+def eval_transform(resolution, normalization):
+    """Resize the short side to `resolution`, centre-crop a square, normalise (RGB)."""
+    return transforms.Compose([
+        transforms.Lambda(lambda img: img.convert('RGB')),
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        transforms.Normalize(*normalization)])
+
+
+class Relabelled(Dataset):
+    """The items of `dataset` whose label is in `classes`, relabelled 0..len(classes)-1 in that order."""
+
+    def __init__(self, dataset, labels, classes):
+        self.dataset = dataset
+        index = {c: i for i, c in enumerate(classes)}
+        self.indices = [i for i, y in enumerate(labels) if int(y) in index]
+        self.targets = [index[int(labels[i])] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img, _ = self.dataset[self.indices[i]]
+        return img, self.targets[i]
+
+
+class CUB200(Dataset):
+    """CUB-200-2011 in its standard folder: images.txt, image_class_labels.txt (1-based classes),
+    train_test_split.txt (1 = train) and images/."""
+
+    def __init__(self, root, train=True, transform=None):
+        def table(name):
+            path = os.path.join(root, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f'CUB-200-2011: {path} not found (expected the CUB_200_2011 folder with '
+                                        'images.txt, image_class_labels.txt, train_test_split.txt, images/)')
+            with open(path) as f:
+                return dict(line.split() for line in f if line.strip())
+        images, labels, split = table('images.txt'), table('image_class_labels.txt'), table('train_test_split.txt')
+        keep = [i for i in images if (split[i] == '1') == train]
+        self.samples = [(os.path.join(root, 'images', images[i]), int(labels[i]) - 1) for i in keep]
+        self.targets = [y for _, y in self.samples]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        img = torchvision.datasets.folder.default_loader(path)
+        return (self.transform(img) if self.transform else img), label
+
+
+def _fashion_mnist(data, train, transform):
+    from src.datasets.fashion_mnist import FashionMNIST
+    dataset = FashionMNIST(data.root_path or 'data', train=train, transform=transform)
+    if data.subset == 'tops':
+        return Relabelled(dataset, dataset.targets, FASHION_MNIST_TOPS)
+    if data.subset is not None:
+        raise ValueError(f"data.subset={data.subset!r}: fashion_mnist knows only 'tops'")
+    return dataset
+
+
+def _image_folder(data, train, transform):
+    split = 'train' if train else 'val'
+    root = os.path.join(data.root_path, split)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'{root} not found: an ImageFolder evaluation set needs ROOT/train/ and ROOT/val/ '
+                                'with one folder per class')
+    return torchvision.datasets.ImageFolder(root, transform=transform)
+
+
+def _imagenet(data, train, transform):
+    root = os.path.join(data.root_path, 'train' if train else 'val')
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'{root} not found: ImageNet needs ROOT/train/ and ROOT/val/ in ImageFolder form')
+    return torchvision.datasets.ImageFolder(root, transform=transform)
+
+
+def _torchvision(name, train_split, test_split, **kwargs):
+    def build(data, train, transform):
+        cls = getattr(torchvision.datasets, name)
+        split = train_split if train else test_split
+        key = 'version' if name == 'INaturalist' else 'split'
+        try:
+            return cls(data.root_path, **{key: split}, transform=transform, download=False, **kwargs)
+        except RuntimeError as e:       # torchvision: "Dataset not found or corrupted. You can use download=True"
+            raise FileNotFoundError(f'{name} ({split}) not found under {data.root_path}: {e}') from None
+    return build
+
+
+DATASETS = {
+    'fashion_mnist': _fashion_mnist,
+    'imagefolder': _image_folder,
+    'imagenet': _imagenet,
+    'cub200': lambda data, train, transform: CUB200(data.root_path, train=train, transform=transform),
+    'stanford_cars': _torchvision('StanfordCars', 'train', 'test'),
+    'inaturalist2021': _torchvision('INaturalist', '2021_train', '2021_valid', target_type='full'),
+    'flowers102': _torchvision('Flowers102', 'train', 'test'),
+    'fgvc_aircraft': _torchvision('FGVCAircraft', 'trainval', 'test'),
+    'oxford_pets': _torchvision('OxfordIIITPet', 'trainval', 'test', target_types='category'),
+    'clevr_count': _torchvision('CLEVRClassification', 'train', 'val'),
+}
+
+
+def make_eval_datasets(data, resolution, normalization):
+    """(train, test) datasets of the `data` config section, with the evaluation transform."""
+    transform = eval_transform(resolution, normalization)
+    if data.dataset not in DATASETS:
+        raise ValueError(f'unknown data.dataset {data.dataset!r}; choose one of {list(DATASETS)}')
+    splits = []
+    for train, limit in ((True, data.limit_train), (False, data.limit_test)):
+        dataset = DATASETS[data.dataset](data, train, transform)
+        if limit is not None and limit < len(dataset):
+            dataset = Subset(dataset, range(limit))
+        splits.append(dataset)
+    return tuple(splits)
+
+
+def num_classes(labels):
+    return int(torch.as_tensor(labels).max()) + 1

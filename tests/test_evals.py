@@ -1,0 +1,278 @@
+# Tests of the frozen-encoder evaluations (evals/): encoder loading from every checkpoint form, the feature cache,
+# k-NN and the linear probe against plain references, the dataset formats on generated fixtures, and the command.
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evals import knn, linear_probe
+from evals.config import LinearConfig, load_eval_config
+from evals.data import CUB200, FASHION_MNIST_TOPS, Relabelled
+from evals.features import extract
+from src.helper import init_model, load_encoder, save_checkpoint
+from src.train import main as train_main
+from tests.helpers import tiny_params, write_config
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures('one_thread')]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoder loading
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def trained_runs(tmp_path_factory):
+    """Two tiny training runs of 2 steps (I-JEPA without [CLS], DSeq-JEPA with): their checkpoint paths."""
+    runs = {}
+    for method, cls in (('ijepa', False), ('dseq', True)):
+        folder = tmp_path_factory.mktemp(method)
+        train_main(tiny_params(folder, **{'meta.method': method, 'meta.use_cls_token': cls,
+                                          'optimization.max_steps': 2}))
+        runs[method] = str(folder / 'jepa-latest.pth.tar')
+    return runs
+
+
+@pytest.mark.parametrize('method', ['ijepa', 'dseq'])
+@pytest.mark.parametrize('which', ['target_encoder', 'encoder'])
+def test_load_encoder_from_our_checkpoints(trained_runs, method, which):
+    path = trained_runs[method]
+    checkpoint = torch.load(path, weights_only=True)
+    encoder, info = load_encoder(path, which=which)
+    assert info['use_cls_token'] == (method == 'dseq') and info['crop_size'] == 32 and info['patch_size'] == 8
+    assert info['method'] == method and info['step'] == 2
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(value, checkpoint[which][name]), name
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+
+
+def test_load_encoder_from_an_ijepa_style_checkpoint(tmp_path, trained_runs):
+    """ijepa's released files: DDP 'module.' names and no config (the architecture must be given)."""
+    ours = torch.load(trained_runs['ijepa'], weights_only=True)
+    ijepa_like = {k: ours[k] for k in ('epoch', 'opt', 'scaler')}
+    for k in ('encoder', 'predictor', 'target_encoder'):
+        ijepa_like[k] = {f'module.{n}': v for n, v in ours[k].items()}
+    path = str(tmp_path / 'IN1K-vit.pth.tar')
+    save_checkpoint(path, ijepa_like)
+    with pytest.raises(ValueError, match='model_name and patch_size'):
+        load_encoder(path)
+    encoder, info = load_encoder(path, model_name='vit_pico', patch_size=8)
+    assert info['crop_size'] == 32 and not info['use_cls_token']
+    x = torch.randn(2, 3, 32, 32)
+    reference, _ = load_encoder(trained_runs['ijepa'])
+    assert torch.equal(encoder(x), reference(x))
+    with pytest.raises(RuntimeError, match='does not fit'):
+        load_encoder(path, model_name='vit_nano', patch_size=8)
+
+
+def test_random_init_encoder():
+    encoder, info = load_encoder(None, model_name='vit_pico', patch_size=8, crop_size=32, use_cls_token=True)
+    assert info['which'] == 'random_init' and encoder.cls_token is not None
+    assert encoder(torch.randn(1, 3, 32, 32)).shape == (1, 16, 32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------------------------
+
+def test_last4_pooling_equals_block_outputs_normalised_and_averaged():
+    torch.manual_seed(0)
+    encoder, _ = init_model('cpu', patch_size=8, model_name='vit_nano', crop_size=32)     # 4 blocks
+    encoder.eval()
+    imgs = torch.randn(5, 3, 32, 32)
+    loader = [(imgs[:3], torch.tensor([0, 1, 2])), (imgs[3:], torch.tensor([3, 4]))]
+    feats, labels = extract(encoder, loader, 'cpu', ('last', 'last4', 'tokens'))
+    # reference: run the blocks by hand
+    with torch.no_grad():
+        x = encoder.prepare_tokens(imgs)
+        outs = []
+        for blk in encoder.blocks:
+            x = blk(x)
+            outs.append(encoder.norm(x).mean(dim=1))
+        final = encoder.norm(x)
+    assert torch.equal(labels, torch.arange(5))
+    assert torch.allclose(feats['last4'], torch.cat(outs, dim=1), atol=1e-6)
+    assert torch.allclose(feats['last'], final.mean(dim=1), atol=1e-6)
+    assert feats['tokens'].dtype == torch.float16 and torch.allclose(feats['tokens'].float(), final, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# k-NN and the linear probe
+# --------------------------------------------------------------------------------------------------------------
+
+def ref_knn(train_x, train_y, test_x, k, T, C):
+    """Per test point: cosine similarities, the k largest, votes exp(s / T) per class, the largest vote."""
+    preds = []
+    for q in test_x.tolist():
+        sims = []
+        for i, t in enumerate(train_x.tolist()):
+            dot = sum(a * b for a, b in zip(q, t))
+            sims.append((dot / (math.sqrt(sum(a * a for a in q)) * math.sqrt(sum(b * b for b in t))), i))
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.] * C
+        for s, i in sims[:k]:
+            votes[int(train_y[i])] += math.exp(s / T)
+        preds.append(max(range(C), key=lambda c: votes[c]))
+    return torch.tensor(preds)
+
+
+@pytest.mark.parametrize('chunk_size', [1, 7, 1000])
+def test_knn_equals_reference(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(60, 8, generator=g), torch.randn(25, 8, generator=g)
+    train_y = torch.randint(0, 4, (60,), generator=g)
+    preds = knn.knn_classify(train_x, train_y, test_x, k=5, temperature=0.07, num_classes=4, chunk_size=chunk_size)
+    assert torch.equal(preds, ref_knn(train_x, train_y, test_x, 5, 0.07, 4))
+
+
+def clusters(n, dim, classes, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 3
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centres[y] + spread * torch.randn(n, dim, generator=g), y
+
+
+def test_linear_probe_separates_clusters_and_not_random_labels():
+    x, y = clusters(600, 16, 5, 1.0, seed=0)
+    xt, yt = clusters(300, 16, 5, 1.0, seed=1)
+    cfg = LinearConfig(epochs=6, batch_size=64, milestones=(3, 5))
+    top1, curve = linear_probe.train_linear(x, y, xt, yt, 5, cfg)
+    assert top1 > 95 and len(curve) == 6 and curve[-1] == top1
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    chance, _ = linear_probe.train_linear(x, shuffled, xt, yt, 5, cfg)
+    assert chance < 40                       # the probe cannot learn labels that carry no information
+
+
+def test_linear_probe_follows_the_papers_schedule(monkeypatch):
+    """SGD momentum 0.9, weight decay 5e-4, LR 0.01 x batch / 256, x0.1 at the milestones."""
+    seen = []
+    real_sgd = torch.optim.SGD
+
+    def spy(params, **kw):
+        opt = real_sgd(params, **kw)
+        seen.append(opt)
+        return opt
+    monkeypatch.setattr(torch.optim, 'SGD', spy)
+    lrs = []
+    real_step = torch.optim.lr_scheduler.MultiStepLR.step
+
+    def record(self, *a, **kw):
+        lrs.append(self.optimizer.param_groups[0]['lr'])
+        return real_step(self, *a, **kw)
+    monkeypatch.setattr(torch.optim.lr_scheduler.MultiStepLR, 'step', record)
+    x, y = clusters(64, 4, 2, 1.0, seed=0)
+    linear_probe.train_linear(x, y, x, y, 2, LinearConfig(epochs=28, batch_size=512))
+    group = seen[0].param_groups[0]
+    assert group['momentum'] == 0.9 and group['weight_decay'] == 5e-4
+    base = 0.01 * 512 / 256
+    expected = [base * 0.1 ** sum(e >= m for m in (8, 16, 24)) for e in range(28)]
+    assert np.allclose(lrs[1:], expected)        # lrs[0]: the call in the constructor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Datasets on generated fixtures
+# --------------------------------------------------------------------------------------------------------------
+
+class Labels(torch.utils.data.Dataset):
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return i, self.labels[i]
+
+
+def test_fashion_mnist_tops_keeps_four_classes_relabelled():
+    labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 6, 0]
+    tops = Relabelled(Labels(labels), labels, FASHION_MNIST_TOPS)
+    assert [tops[i] for i in range(len(tops))] == [(0, 0), (2, 1), (4, 2), (6, 3), (10, 3), (11, 0)]
+
+
+def write_cub(root, items):
+    """items: (relative image path, 1-based class, is_train)."""
+    os.makedirs(root / 'images', exist_ok=True)
+    with open(root / 'images.txt', 'w') as fi, open(root / 'image_class_labels.txt', 'w') as fl, \
+            open(root / 'train_test_split.txt', 'w') as fs:
+        for n, (rel, cls, train) in enumerate(items, start=1):
+            (root / 'images' / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.new('RGB', (12, 10), (n * 20, 0, 0)).save(root / 'images' / rel)
+            fi.write(f'{n} {rel}\n')
+            fl.write(f'{n} {cls}\n')
+            fs.write(f'{n} {int(train)}\n')
+
+
+def test_cub200_reads_the_standard_folder(tmp_path):
+    write_cub(tmp_path, [('001.Albatross/a.jpg', 1, True), ('001.Albatross/b.jpg', 1, False),
+                         ('002.Auklet/c.jpg', 2, True), ('200.Wren/d.jpg', 200, False)])
+    train, test = CUB200(str(tmp_path), train=True), CUB200(str(tmp_path), train=False)
+    assert train.targets == [0, 1] and test.targets == [0, 199]
+    img, label = test[1]
+    assert img.size == (12, 10) and label == 199
+    with pytest.raises(FileNotFoundError, match='image_class_labels.txt'):
+        os.remove(tmp_path / 'image_class_labels.txt')
+        CUB200(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command, end to end on a generated ImageFolder
+# --------------------------------------------------------------------------------------------------------------
+
+def write_image_folder(root, per_class=6):
+    """Two classes a probe can tell apart: dark and bright images, with noise."""
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for c, level in (('dark', 40), ('bright', 200)):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = np.clip(level + rng.normal(0, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f'{i}.png')
+
+
+def test_evals_main_writes_results_and_reuses_cached_features(tmp_path, trained_runs, monkeypatch):
+    write_image_folder(tmp_path / 'data')
+    config = write_config(tmp_path / 'eval.yaml', {
+        'evals': ['knn', 'linear', 'linear_last'],
+        'pretrain': {'checkpoint': trained_runs['dseq']},
+        'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data'), 'batch_size': 5},
+        'knn': {'k': 3}, 'linear': {'epochs': 4, 'batch_size': 4},
+        'logging': {'folder': str(tmp_path / 'out')}})
+    from evals.main import main
+    assert main(['--fname', config]) == 0
+    with open(tmp_path / 'out' / 'evals.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['eval'] for r in rows] == ['knn', 'linear', 'linear_last']
+    assert all(0 <= float(r['top1']) <= 100 and r['method'] == 'dseq' for r in rows)
+    assert float(rows[0]['top1']) == 100.     # dark vs bright: any encoder's features separate them
+    results = json.load(open(tmp_path / 'out' / 'evals.json'))
+    assert len(results[1]['curve']) == 4
+    assert len(os.listdir(tmp_path / 'out' / 'features')) == 2            # train and test, cached
+    # a second run reads the cache: extraction must not run again
+    import evals.features as features
+    monkeypatch.setattr(features, 'extract', lambda *a, **k: pytest.fail('features were recomputed'))
+    assert main(['--fname', config]) == 0
+    # random init: the same architecture, evaluated without a cache
+    monkeypatch.undo()
+    assert main(['--fname', config, '--random-init', '--folder', str(tmp_path / 'random')]) == 0
+    with open(tmp_path / 'random' / 'evals.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['which'] for r in rows] == ['random_init'] * 3 and not (tmp_path / 'random' / 'features').exists()
+
+
+def test_evals_config_errors_name_the_key(tmp_path):
+    from src.config import ConfigError
+    bad = write_config(tmp_path / 'bad.yaml', {'evals': ['knn'], 'knn': {'kk': 3}})
+    with pytest.raises(ConfigError, match='knn.kk'):
+        load_eval_config(bad)
+    bad = write_config(tmp_path / 'bad2.yaml', {'evals': ['svm']})
+    with pytest.raises(ConfigError, match='evals'):
+        load_eval_config(bad)
+    bad = write_config(tmp_path / 'bad3.yaml', {'evals': ['knn'], 'pretrain': {'checkpoint': None}})
+    with pytest.raises(ConfigError, match='model_name'):
+        load_eval_config(bad)
