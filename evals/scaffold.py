@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+from importlib import import_module
 
 import torch
 from torch.utils.data import DataLoader
@@ -34,7 +35,7 @@ CSV_COLUMNS = ('eval', 'top1', 'dataset', 'subset', 'resolution', 'checkpoint', 
 def run(cfg, device='cpu'):
     """Run the evaluations of `cfg` (an EvalConfig); returns a list of result dicts."""
     if 'attentive' in cfg.evals and 'attentive' not in REGISTRY:
-        import evals.attentive_probe  # noqa: F401  (registers itself)
+        import_module('evals.attentive_probe')          # registers itself
     device = torch.device(device)
     p = cfg.pretrain
     encoder, info = load_encoder(p.checkpoint, which=p.which, device=device, model_name=p.model_name,

@@ -174,6 +174,28 @@ def test_linear_probe_follows_the_papers_schedule(monkeypatch):
     assert np.allclose(lrs[1:], expected)        # lrs[0]: the call in the constructor
 
 
+def token_clusters(n, seed):
+    """[n, 8, 16] tokens: noise, except one token at a random position that holds the class centre."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 16, generator=torch.Generator().manual_seed(7)) * 3
+    y = torch.randint(0, 3, (n,), generator=g)
+    tokens = torch.randn(n, 8, 16, generator=g)
+    tokens[torch.arange(n), torch.randint(0, 8, (n,), generator=g)] = centres[y]
+    return tokens.half(), y
+
+
+def test_attentive_probe_finds_the_informative_token():
+    from evals.attentive_probe import train_attentive
+    from evals.config import AttentiveConfig
+    x, y = token_clusters(400, seed=0)
+    xt, yt = token_clusters(200, seed=1)
+    cfg = AttentiveConfig(epochs=8, batch_size=32, lr=3e-3, num_heads=2)
+    top1, curve = train_attentive(x, y, xt, yt, 3, cfg)
+    assert top1 > 90 and len(curve) == 8
+    chance, _ = train_attentive(x, y[torch.randperm(400, generator=torch.Generator().manual_seed(0))], xt, yt, 3, cfg)
+    assert chance < 55
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Datasets on generated fixtures
 # --------------------------------------------------------------------------------------------------------------
@@ -238,16 +260,16 @@ def write_image_folder(root, per_class=6):
 def test_evals_main_writes_results_and_reuses_cached_features(tmp_path, trained_runs, monkeypatch):
     write_image_folder(tmp_path / 'data')
     config = write_config(tmp_path / 'eval.yaml', {
-        'evals': ['knn', 'linear', 'linear_last'],
+        'evals': ['knn', 'linear', 'linear_last', 'attentive'],
         'pretrain': {'checkpoint': trained_runs['dseq']},
         'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data'), 'batch_size': 5},
-        'knn': {'k': 3}, 'linear': {'epochs': 4, 'batch_size': 4},
+        'knn': {'k': 3}, 'linear': {'epochs': 4, 'batch_size': 4}, 'attentive': {'epochs': 2, 'num_heads': 2},
         'logging': {'folder': str(tmp_path / 'out')}})
     from evals.main import main
     assert main(['--fname', config]) == 0
     with open(tmp_path / 'out' / 'evals.csv') as f:
         rows = list(csv.DictReader(f))
-    assert [r['eval'] for r in rows] == ['knn', 'linear', 'linear_last']
+    assert [r['eval'] for r in rows] == ['knn', 'linear', 'linear_last', 'attentive']
     assert all(0 <= float(r['top1']) <= 100 and r['method'] == 'dseq' for r in rows)
     assert float(rows[0]['top1']) == 100.     # dark vs bright: any encoder's features separate them
     results = json.load(open(tmp_path / 'out' / 'evals.json'))
@@ -262,7 +284,7 @@ def test_evals_main_writes_results_and_reuses_cached_features(tmp_path, trained_
     assert main(['--fname', config, '--random-init', '--folder', str(tmp_path / 'random')]) == 0
     with open(tmp_path / 'random' / 'evals.csv') as f:
         rows = list(csv.DictReader(f))
-    assert [r['which'] for r in rows] == ['random_init'] * 3 and not (tmp_path / 'random' / 'features').exists()
+    assert [r['which'] for r in rows] == ['random_init'] * 4 and not (tmp_path / 'random' / 'features').exists()
 
 
 def test_evals_config_errors_name_the_key(tmp_path):
