@@ -1,6 +1,7 @@
 # Local launcher: one training process per --devices entry on this machine.
 #   python main.py --fname configs/demo/fmnist_vitnano_ijepa.yaml --devices cpu
 #   python main.py --fname configs/in1k_vith14_ep300.yaml --devices cuda:0 cuda:1
+#   python main.py --fname configs/demo/fmnist_vitnano_dseq.yaml --devices cpu --set meta.seed=1 logging.folder=logs/s1
 # Several devices use torch.distributed (gloo on CPU, NCCL on CUDA) on a free local port; an error in any process
 # stops the others and makes the exit code non-zero.
 
@@ -17,6 +18,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument('--fname', type=str, help='name of config file to load', default='configs.yaml')
 parser.add_argument('--devices', type=str, nargs='+', default=['cuda:0'],
                     help='devices to use on this machine, one process each: cpu, or cuda:0 cuda:1 ...')
+parser.add_argument('--set', type=str, nargs='+', default=[], metavar='SECTION.KEY=VALUE',
+                    help='override config keys, e.g. --set meta.seed=1 logging.folder=logs/run1 (values are yaml)')
 
 
 def free_port():
@@ -25,11 +28,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def load_params(fname):
+def apply_overrides(params, overrides):
+    """--set SECTION.KEY=VALUE entries (VALUE read as yaml) applied to the config dict."""
+    for item in overrides:
+        key, sep, value = item.partition('=')
+        if not sep or key.count('.') != 1:
+            raise SystemExit(f'error: --set {item!r}: expected SECTION.KEY=VALUE, e.g. meta.seed=1')
+        section, name = key.split('.')
+        params.setdefault(section, {})[name] = yaml.safe_load(value)
+    return params
+
+
+def load_params(fname, overrides=()):
     from src.config import ConfigError, parse_config
     try:
         with open(fname, 'r') as y_file:
-            params = yaml.safe_load(y_file)
+            params = apply_overrides(yaml.safe_load(y_file), overrides)
         parse_config(params)               # validate before any process starts
     except FileNotFoundError:
         raise SystemExit(f'error: config file not found: {fname}')
@@ -38,7 +52,7 @@ def load_params(fname):
     return params
 
 
-def process_main(rank, fname, world_size, devices, port):
+def process_main(rank, fname, world_size, devices, port, overrides=()):
     device = devices[rank]
     if device.startswith('cuda'):
         # one visible GPU per process, as in ijepa
@@ -51,7 +65,7 @@ def process_main(rank, fname, world_size, devices, port):
     logger = logging.getLogger()
     logger.setLevel(logging.INFO if rank == 0 else logging.ERROR)
     logger.info(f'called-params {fname}')
-    params = load_params(fname)
+    params = load_params(fname, overrides)
     if rank == 0:
         logger.info('loaded params...\n' + pprint.pformat(params, indent=4))
     if world_size > 1:
@@ -71,15 +85,15 @@ def process_main(rank, fname, world_size, devices, port):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    load_params(args.fname)
+    load_params(args.fname, args.set)
     devices = args.devices
     if len(devices) > 1 and any(d.startswith('cuda') for d in devices) and any(d == 'cpu' for d in devices):
         raise SystemExit('error: --devices mixes cpu and cuda')
     if len(devices) == 1:
-        process_main(0, args.fname, 1, devices, None)
+        process_main(0, args.fname, 1, devices, None, args.set)
         return 0
     import torch.multiprocessing as mp
-    mp.start_processes(process_main, args=(args.fname, len(devices), devices, free_port()),
+    mp.start_processes(process_main, args=(args.fname, len(devices), devices, free_port(), args.set),
                        nprocs=len(devices), join=True, start_method='spawn')
     return 0
 

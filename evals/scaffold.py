@@ -3,6 +3,7 @@
 # results in {logging.folder}/{write_tag}.csv (one row per evaluation) and {write_tag}.json (with the curves).
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -78,3 +79,23 @@ def record(folder, tag, results):
         writer.writerows(results)
     with open(os.path.join(folder, f'{tag}.json'), 'w') as f:
         json.dump(results, f, indent=1)
+
+
+def evaluate_checkpoint(fname, checkpoint, folder, random_init=False, device='cpu'):
+    """Run the eval config `fname` on `checkpoint`, writing to `folder` (and, with `random_init`, the same
+    evaluations of a randomly initialised encoder of its architecture to folder/random_init). Prints one line per
+    evaluation and returns {'pretrained': results, 'random_init': results or None}."""
+    from evals.config import load_eval_config
+    from evals.main import random_init_config
+    cfg = load_eval_config(fname, {'pretrain.checkpoint': checkpoint, 'logging.folder': folder})
+    out = {'pretrained': run(cfg, device), 'random_init': None}
+    if random_init:
+        baseline = random_init_config(cfg)
+        baseline = dataclasses.replace(baseline, logging=dataclasses.replace(
+            baseline.logging, folder=os.path.join(folder, 'random_init')))
+        out['random_init'] = run(baseline, device)
+    for r in out['pretrained']:
+        base = next((b for b in out['random_init'] or [] if b['eval'] == r['eval']), None)
+        print(f'{r["eval"]}: top-1 {r["top1"]:.2f}%' + (f' (random init: {base["top1"]:.2f}%)' if base else ''),
+              flush=True)
+    return out

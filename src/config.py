@@ -123,6 +123,13 @@ class DSeqConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    fname: Optional[str] = None          # an evaluation config (configs/evals/*.yaml): when training ends, rank 0
+                                         # evaluates the final checkpoint with it and prints the accuracies
+    random_init_baseline: bool = False   # also evaluate a randomly initialised encoder of the same architecture
+
+
+@dataclass
 class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,6 +137,7 @@ class Config:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dseq: DSeqConfig = field(default_factory=DSeqConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self):
         return _to_plain(dataclasses.asdict(self))
@@ -280,6 +288,12 @@ def _validate(cfg):
                           f'heads of {cfg.meta.model_name} (the predictor uses the encoder\'s head count)')
     if cfg.data.dataset in ('imagenet', 'imagefolder') and not cfg.data.root_path:
         raise ConfigError(f'data.root_path must be set for data.dataset={cfg.data.dataset}')
+    if cfg.evaluation.fname is not None:        # fail now, not after training
+        from evals.config import load_eval_config
+        try:
+            load_eval_config(cfg.evaluation.fname, {'pretrain.checkpoint': 'the final checkpoint'})
+        except ConfigError as e:
+            raise ConfigError(f'evaluation.fname: {e}') from None
     return cfg
 
 

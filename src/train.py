@@ -308,8 +308,13 @@ def main(args, resume_preempt=False, device=None):
             logger.info(f'epoch {epoch + 1} done at step {step}: loss {last_finite["loss"]:.4f}; '
                         f'checkpoint {latest_path}')
     logger.info(f'training finished at step {step}; log: {log_file}; checkpoint: {latest_path}')
+    evaluation = None
+    if rank == 0 and cfg.evaluation.fname:
+        from evals.scaffold import evaluate_checkpoint
+        evaluation = evaluate_checkpoint(cfg.evaluation.fname, latest_path, os.path.join(folder, 'evals'),
+                                         random_init=cfg.evaluation.random_init_baseline, device=device)
     return {'start_step': start_step, 'step': step, 'loss': last_finite['loss'], 'log_file': log_file,
-            'checkpoint': latest_path}
+            'checkpoint': latest_path, 'evaluation': evaluation}
 
 
 def extras_epoch_steps(extras, ipe):

@@ -298,3 +298,29 @@ def test_evals_config_errors_name_the_key(tmp_path):
     bad = write_config(tmp_path / 'bad3.yaml', {'evals': ['knn'], 'pretrain': {'checkpoint': None}})
     with pytest.raises(ConfigError, match='model_name'):
         load_eval_config(bad)
+
+
+def test_training_ends_with_the_evaluation_of_its_checkpoint(tmp_path, capsys):
+    write_image_folder(tmp_path / 'data')
+    eval_config = write_config(tmp_path / 'eval.yaml', {
+        'evals': ['knn', 'linear'],
+        'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data'), 'batch_size': 8},
+        'knn': {'k': 3}, 'linear': {'epochs': 2, 'batch_size': 4}})
+    out = train_main(tiny_params(tmp_path / 'run', **{'optimization.max_steps': 2,
+                                                      'evaluation.fname': eval_config,
+                                                      'evaluation.random_init_baseline': True}))
+    results = out['evaluation']
+    assert [r['eval'] for r in results['pretrained']] == ['knn', 'linear']
+    assert all(r['checkpoint'] == out['checkpoint'] and r['step'] == 2 for r in results['pretrained'])
+    assert [r['which'] for r in results['random_init']] == ['random_init'] * 2
+    assert os.path.isfile(tmp_path / 'run' / 'evals' / 'evals.csv')
+    assert os.path.isfile(tmp_path / 'run' / 'evals' / 'random_init' / 'evals.csv')
+    printed = capsys.readouterr().out
+    assert 'knn: top-1' in printed and '(random init:' in printed
+
+
+def test_a_bad_evaluation_config_stops_training_at_start_up(tmp_path):
+    from src.config import ConfigError, parse_config
+    bad = write_config(tmp_path / 'eval.yaml', {'evals': ['knn'], 'knn': {'k': 'many'}})
+    with pytest.raises(ConfigError, match='evaluation.fname.*knn.k'):
+        parse_config(tiny_params(tmp_path, **{'evaluation.fname': bad}))

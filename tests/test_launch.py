@@ -220,3 +220,18 @@ def test_misspelled_key_fails_at_start_up(tmp_path):
     assert proc.returncode != 0
     assert 'optimization.max_step' in proc.stderr and str(fname) in proc.stderr
     assert not logs.exists() and not (tmp_path / 'out2').exists()
+
+
+@pytest.mark.timeout(90)
+def test_main_set_overrides_config_keys(tmp_path):
+    fname = write_config(tmp_path / 'cfg.yaml', ddp_params(tmp_path / 'out'))
+    proc = run('main.py', '--fname', fname, '--devices', 'cpu', '--set', 'optimization.max_steps=2',
+               f'logging.folder={tmp_path / "other"}', 'meta.seed=3', timeout=80)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    checkpoint = load(tmp_path / 'other' / 'jepa-latest.pth.tar')
+    assert checkpoint['step'] == 2 and checkpoint['config']['meta']['seed'] == 3
+    assert not (tmp_path / 'out').exists()
+    proc = run('main.py', '--fname', fname, '--devices', 'cpu', '--set', 'seed=3', timeout=30)
+    assert proc.returncode != 0 and 'SECTION.KEY=VALUE' in proc.stderr
+    proc = run('main.py', '--fname', fname, '--devices', 'cpu', '--set', 'meta.sed=3', timeout=30)
+    assert proc.returncode != 0 and 'meta.sed' in proc.stderr
