@@ -324,3 +324,54 @@ def test_a_bad_evaluation_config_stops_training_at_start_up(tmp_path):
     bad = write_config(tmp_path / 'eval.yaml', {'evals': ['knn'], 'knn': {'k': 'many'}})
     with pytest.raises(ConfigError, match='evaluation.fname.*knn.k'):
         parse_config(tiny_params(tmp_path, **{'evaluation.fname': bad}))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A/B comparison
+# --------------------------------------------------------------------------------------------------------------
+
+def test_ab_statistics_equal_scipys_welch_test():
+    from scipy import stats
+    from evals.ab import compare
+    a, b = [70.1, 71.3, 69.8], [72.4, 73.9, 72.0, 74.2]
+    rows = compare({'A': {'linear': a}, 'B': {'linear': b}})
+    ra, rb = rows
+    assert ra['group'] == 'A' and 'diff' not in ra
+    assert math.isclose(ra['mean'], np.mean(a)) and math.isclose(rb['std'], np.std(b, ddof=1))
+    ci = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert math.isclose(rb['diff'], np.mean(b) - np.mean(a))
+    assert math.isclose(rb['ci_low'], ci.low, rel_tol=1e-9) and math.isclose(rb['ci_high'], ci.high, rel_tol=1e-9)
+
+
+def test_ab_command_writes_table_and_plot_and_reuses_results(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / 'data')
+    eval_config = write_config(tmp_path / 'eval.yaml', {
+        'evals': ['knn', 'linear'],
+        'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data'), 'batch_size': 8},
+        'knn': {'k': 3}, 'linear': {'epochs': 3, 'batch_size': 4}})
+    runs = {}
+    for method, cls in (('ijepa', False), ('dseq', True)):
+        for seed in (0, 1):
+            folder = tmp_path / f'{method}_s{seed}'
+            train_main(tiny_params(folder, **{'meta.method': method, 'meta.use_cls_token': cls, 'meta.seed': seed,
+                                              'optimization.max_steps': 3, 'logging.log_freq': 1}))
+            runs.setdefault(method, []).append(str(folder))
+    from evals.ab import main
+    args = ['--fname', eval_config, '--group', 'ijepa', *runs['ijepa'], '--group', 'dseq', *runs['dseq'],
+            '--out', str(tmp_path / 'report')]
+    assert main(args) == 0
+    with open(tmp_path / 'report' / 'ab.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [(r['eval'], r['group'], r['n']) for r in rows] == [('knn', 'ijepa', '2'), ('knn', 'dseq', '2'),
+                                                               ('linear', 'ijepa', '2'), ('linear', 'dseq', '2')]
+    assert rows[0]['diff'] == '' and rows[1]['diff'] != ''
+    table = open(tmp_path / 'report' / 'ab.md').read()
+    assert table.startswith('| evaluation | group |') and '| linear | dseq | 2 |' in table
+    png = Image.open(tmp_path / 'report' / 'ab.png')
+    assert png.size[0] > 500 and png.size[1] > 200
+    # every run now has its results: a second comparison evaluates nothing
+    import evals.scaffold as scaffold
+    monkeypatch.setattr(scaffold, 'run', lambda *a, **k: pytest.fail('a run was evaluated again'))
+    assert main(args) == 0
+    with pytest.raises(SystemExit, match='at least two'):
+        main(['--fname', eval_config, '--group', 'ijepa', *runs['ijepa'], '--out', str(tmp_path / 'r2')])

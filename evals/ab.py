@@ -1,0 +1,177 @@
+# A/B comparison of pretraining runs (e.g. I-JEPA against DSeq-JEPA, several seeds each):
+#
+#   python -m evals.ab --fname configs/evals/fmnist_demo.yaml \
+#       --group ijepa logs/ab/ijepa_s0 logs/ab/ijepa_s1 logs/ab/ijepa_s2 \
+#       --group dseq logs/ab/dseq_s0 logs/ab/dseq_s1 logs/ab/dseq_s2 --out logs/ab/report
+#
+# Each run folder is evaluated with the eval config on its latest checkpoint, unless {run}/evals/ already holds
+# results of the same evaluations on that checkpoint (the demos write them when training ends). Writes
+#   ab.md / ab.csv   per evaluation: mean +- std over the seeds of each group, and each group's difference from the
+#                    first group with a 95% Welch t confidence interval
+#   ab.png           training loss against step (mean over seeds, min-max band) and the probe's test accuracy
+#                    against probe epoch, per group
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+
+logger = logging.getLogger()
+
+
+def run_results(run, fname, tag='jepa', device='cpu'):
+    """The evaluation results of one run folder: read from {run}/evals/evals.json when they cover the config's
+    evaluations of the run's latest checkpoint, computed (and written there) otherwise."""
+    from evals.config import load_eval_config
+    from evals.scaffold import run as evaluate
+    checkpoint = os.path.join(run, f'{tag}-latest.pth.tar')
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f'{run}: no {tag}-latest.pth.tar (is it a training folder?)')
+    folder = os.path.join(run, 'evals')
+    cfg = load_eval_config(fname, {'pretrain.checkpoint': checkpoint, 'logging.folder': folder})
+    cached = os.path.join(folder, f'{cfg.logging.write_tag}.json')
+    if os.path.isfile(cached):
+        with open(cached) as f:
+            results = json.load(f)
+        by_eval = {r['eval']: r for r in results}
+        if all(e in by_eval and by_eval[e]['dataset'] == cfg.data.dataset and by_eval[e]['subset'] == cfg.data.subset
+               and os.path.abspath(by_eval[e]['checkpoint'] or '') == os.path.abspath(checkpoint) for e in cfg.evals):
+            logger.info(f'{run}: results read from {cached}')
+            return [by_eval[e] for e in cfg.evals]
+    return evaluate(cfg, device)
+
+
+def t_quantile(df, q=0.975):
+    from scipy.stats import t
+    return float(t.ppf(q, df))
+
+
+def compare(groups):
+    """groups: {name: {eval: [top1 per seed]}} (first group = reference). Returns table rows."""
+    names = list(groups)
+    evals = [e for e in groups[names[0]] if all(e in groups[n] for n in names)]
+    rows = []
+    for e in evals:
+        ref = groups[names[0]][e]
+        for name in names:
+            x = groups[name][e]
+            row = {'eval': e, 'group': name, 'n': len(x), 'mean': statistics.mean(x),
+                   'std': statistics.stdev(x) if len(x) > 1 else float('nan')}
+            if name != names[0]:
+                diff = row['mean'] - statistics.mean(ref)
+                va, vb = (statistics.variance(ref) if len(ref) > 1 else float('nan'),
+                          row['std'] ** 2)
+                se2 = va / len(ref) + vb / len(x)
+                if se2 > 0 and not math.isnan(se2):
+                    df = se2 ** 2 / ((va / len(ref)) ** 2 / (len(ref) - 1) + (vb / len(x)) ** 2 / (len(x) - 1))
+                    half = t_quantile(df) * math.sqrt(se2)
+                else:
+                    half = float('nan') if math.isnan(se2) else 0.
+                row.update(diff=diff, ci_low=diff - half, ci_high=diff + half)
+            rows.append(row)
+    return rows
+
+
+def write_table(rows, reference, out):
+    os.makedirs(out, exist_ok=True)
+    columns = ('eval', 'group', 'n', 'mean', 'std', 'diff', 'ci_low', 'ci_high')
+    with open(os.path.join(out, 'ab.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    lines = ['| evaluation | group | seeds | top-1 (%) mean +- std | difference vs ' + reference + ' [95% CI] |',
+             '| --- | --- | --- | --- | --- |']
+    for r in rows:
+        diff = ('' if 'diff' not in r else
+                f'{r["diff"]:+.2f} [{r["ci_low"]:+.2f}, {r["ci_high"]:+.2f}]')
+        lines.append(f'| {r["eval"]} | {r["group"]} | {r["n"]} | {r["mean"]:.2f} +- {r["std"]:.2f} | {diff} |')
+    text = '\n'.join(lines) + '\n'
+    with open(os.path.join(out, 'ab.md'), 'w') as f:
+        f.write(text)
+    return text
+
+
+def read_losses(run, tag='jepa'):
+    """(steps, losses) from the rank-0 training CSV of a run."""
+    path = os.path.join(run, f'{tag}_r0.csv')
+    steps, losses = [], []
+    with open(path) as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            steps.append(i)
+            losses.append(float(row['loss']))
+    return steps, losses
+
+
+def plot(runs, results, out, probe='linear'):
+    """ab.png: training loss (left) and the probe's test accuracy per epoch (right), mean and min-max per group."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_probe) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, folders in runs.items():
+        curves = [read_losses(r)[1] for r in folders]
+        length = min(len(c) for c in curves)
+        mean = [statistics.mean(c[i] for c in curves) for i in range(length)]
+        ax_loss.plot(range(length), mean, label=f'{name} ({len(curves)} seeds)')
+        ax_loss.fill_between(range(length), [min(c[i] for c in curves) for i in range(length)],
+                             [max(c[i] for c in curves) for i in range(length)], alpha=0.2)
+        probe_curves = [next((r['curve'] for r in res if r['eval'] == probe and r.get('curve')), None)
+                        for res in results[name]]
+        probe_curves = [c for c in probe_curves if c]
+        if probe_curves:
+            n = min(len(c) for c in probe_curves)
+            epochs = range(1, n + 1)
+            ax_probe.plot(epochs, [statistics.mean(c[i] for c in probe_curves) for i in range(n)], label=name)
+            ax_probe.fill_between(epochs, [min(c[i] for c in probe_curves) for i in range(n)],
+                                  [max(c[i] for c in probe_curves) for i in range(n)], alpha=0.2)
+    ax_loss.set(xlabel='training step', ylabel='training loss', yscale='log', title='pretraining loss')
+    ax_probe.set(xlabel='probe epoch', ylabel='test top-1 (%)', title=f'{probe} probe')
+    for ax in (ax_loss, ax_probe):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out, 'ab.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Compare groups of pretraining runs (mean +- std over seeds).')
+    parser.add_argument('--fname', required=True, help='evaluation config (configs/evals/*.yaml)')
+    parser.add_argument('--group', nargs='+', action='append', required=True, metavar=('NAME', 'RUN'),
+                        help='a group name then its run folders (one per seed); the first group is the reference')
+    parser.add_argument('--out', required=True, help='folder for ab.md, ab.csv and ab.png')
+    parser.add_argument('--devices', nargs='+', default=['cpu'])
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+    runs = {}
+    for group in args.group:
+        if len(group) < 2:
+            raise SystemExit(f'error: --group {group[0]}: give the group name, then at least one run folder')
+        runs[group[0]] = group[1:]
+    if len(runs) < 2:
+        raise SystemExit('error: give at least two --group')
+    from src.config import ConfigError
+    try:
+        results = {name: [run_results(r, args.fname, device=args.devices[0]) for r in folders]
+                   for name, folders in runs.items()}
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}')
+    groups = {name: {} for name in runs}
+    for name, per_run in results.items():
+        for res in per_run:
+            for r in res:
+                groups[name].setdefault(r['eval'], []).append(r['top1'])
+    rows = compare(groups)
+    print(write_table(rows, next(iter(runs)), args.out), end='')
+    print(f'wrote {os.path.join(args.out, "ab.md")}, ab.csv and {plot(runs, results, args.out)}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
