@@ -375,3 +375,37 @@ def test_ab_command_writes_table_and_plot_and_reuses_results(tmp_path, monkeypat
     assert main(args) == 0
     with pytest.raises(SystemExit, match='at least two'):
         main(['--fname', eval_config, '--group', 'ijepa', *runs['ijepa'], '--out', str(tmp_path / 'r2')])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------------------
+
+def test_kmeans_recovers_separated_clusters():
+    from evals.figures import kmeans
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (3, 40), generator=g)
+    centres = torch.eye(4, 6) * 10
+    x = centres[labels] + 0.1 * torch.randn(3, 40, 6, generator=g)
+    found = kmeans(x, k=4)
+    for b in range(3):      # the same partition, up to the cluster numbering
+        pairs = set(zip(labels[b].tolist(), found[b].tolist()))
+        assert len(pairs) == len(set(labels[b].tolist())) == len({f for _, f in pairs})
+
+
+def test_figures_for_a_dseq_checkpoint(tmp_path, trained_runs):
+    from evals.figures import dseq_settings, make_figures, regions_of
+    write_image_folder(tmp_path / 'data')
+    config = write_config(tmp_path / 'eval.yaml', {
+        'evals': ['knn'], 'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data')}})
+    for method in ('dseq', 'ijepa'):        # I-JEPA (no [CLS]): column_mean saliency
+        paths = make_figures(trained_runs[method], config, str(tmp_path / method), num_images=3)
+        for path in paths:
+            png = Image.open(path)
+            assert png.size[0] > 150 and png.size[1] > 150
+    encoder, _ = load_encoder(trained_runs['dseq'])
+    cfg, block = dseq_settings(trained_runs['dseq'], encoder)
+    assert cfg.saliency == 'cls_similarity' and block == 2
+    _, saliency, regions = regions_of(encoder, torch.randn(4, 3, 32, 32), cfg, block)
+    assert regions.shape == (4, cfg.num_regions, 16) and saliency.shape == (4, 16)
+    assert (regions.sum(dim=1) == 1).all()          # disjoint, covering the image

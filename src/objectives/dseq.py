@@ -123,6 +123,24 @@ def select_blocks(saliency, candidates, k, iou_threshold=0.5):
     return torch.cat(picks, dim=1)                                          # (B, k, N)
 
 
+def saliency_from(encoder, imgs, cfg, block):
+    """Run `encoder` on the full images once: (final patch features [B, N, D], saliency [B, N] or None).
+    cfg: the dseq config section (saliency, saliency_layers, regions); block: the saliency block l."""
+    if cfg.regions == 'random_blocks':           # no saliency needed (the encoder may have no [CLS] token)
+        return encoder(imgs), None
+    if cfg.saliency == 'gradcam':
+        return gradcam_saliency(encoder, imgs, block)
+    blocks = tuple(range(1, encoder.depth + 1)) if cfg.saliency_layers == 'all' else (encoder.depth,)
+    if cfg.saliency == 'cls_similarity':       # paper Eq. 1
+        out = encoder.forward_features(imgs, return_blocks=(block,))
+        return out['x'], cls_similarity_saliency(encoder.norm(out['blocks'][block]), encoder.cls_token)
+    if cfg.saliency == 'cls_attention':        # [CLS]-to-patch attention, mean over heads and blocks
+        out = encoder.forward_features(imgs, return_cls_attn=blocks)
+        return out['x'], torch.stack([out['cls_attn'][b] for b in blocks]).mean(dim=(0, 2))
+    out = encoder.forward_features(imgs, return_attn_received=blocks)   # column_mean: attention received
+    return out['x'], torch.stack([out['attn_received'][b] for b in blocks]).mean(dim=0)
+
+
 class DSeqJEPA:
     """Loss of one batch, with the statistics logged after ijepa's CSV columns."""
 
@@ -143,20 +161,7 @@ class DSeqJEPA:
 
     def saliency_from(self, encoder, imgs):
         """Run `encoder` on the full images once: (final patch features [B, N, D], saliency [B, N] or None)."""
-        c, l = self.cfg, self.saliency_block
-        if c.regions == 'random_blocks':           # no saliency needed (the encoder may have no [CLS] token)
-            return encoder(imgs), None
-        if c.saliency == 'gradcam':
-            return gradcam_saliency(encoder, imgs, l)
-        blocks = tuple(range(1, encoder.depth + 1)) if c.saliency_layers == 'all' else (encoder.depth,)
-        if c.saliency == 'cls_similarity':       # paper Eq. 1
-            out = encoder.forward_features(imgs, return_blocks=(l,))
-            return out['x'], cls_similarity_saliency(encoder.norm(out['blocks'][l]), encoder.cls_token)
-        if c.saliency == 'cls_attention':        # [CLS]-to-patch attention, mean over heads and blocks
-            out = encoder.forward_features(imgs, return_cls_attn=blocks)
-            return out['x'], torch.stack([out['cls_attn'][b] for b in blocks]).mean(dim=(0, 2))
-        out = encoder.forward_features(imgs, return_attn_received=blocks)   # column_mean: attention received
-        return out['x'], torch.stack([out['attn_received'][b] for b in blocks]).mean(dim=0)
+        return saliency_from(encoder, imgs, self.cfg, self.saliency_block)
 
     def encode_target(self, imgs):
         """LayerNorm'd target features [B, N, D] and patch saliency [B, N]: from the target encoder's own pass

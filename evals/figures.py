@@ -1,0 +1,186 @@
+# The paper's qualitative figures for a checkpoint and a batch of evaluation images, as PNG grids:
+#
+#   python -m evals.figures --checkpoint logs/demo_dseq/jepa-latest.pth.tar --fname configs/evals/fmnist_demo.yaml \
+#       --num-images 8 --out logs/demo_dseq/figures
+#
+#   fig4_regions.png   (paper Figure 4) per image: the image, its saliency heat map, and the ordered regions
+#                      numbered 1..N (the last is the background), as DSeq-JEPA's step would select them with
+#                      lambda = 1 (no random boxes), from the target encoder
+#   fig5_clusters.png  (paper Figure 5) per image: the image and a k-means clustering (k = 4) of its patch
+#                      features (the target encoder's final normalised patch tokens)
+#
+# The saliency follows the checkpoint's dseq section (source, block, number of regions, area filter); an encoder
+# without a [CLS] token (plain I-JEPA) falls back to column_mean saliency (mean attention received).
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+import torch
+
+logger = logging.getLogger()
+
+REGION_COLOURS = [(0.90, 0.10, 0.10), (0.10, 0.45, 0.90), (0.10, 0.70, 0.20), (0.95, 0.60, 0.05),
+                  (0.60, 0.20, 0.80), (0.10, 0.75, 0.75), (0.85, 0.35, 0.60), (0.50, 0.50, 0.50)]
+
+
+def dseq_settings(checkpoint, encoder):
+    """The dseq config section of the checkpoint (defaults for I-JEPA runs) and the saliency block."""
+    from src.config import DSeqConfig, build_section
+    from src.helper import torch_load
+    from src.objectives.dseq import default_saliency_block
+    stored = (torch_load(checkpoint).get('config') or {}).get('dseq', {}) if checkpoint else {}
+    cfg = build_section(DSeqConfig, stored, 'dseq.')
+    if encoder.cls_token is None and cfg.saliency != 'column_mean':
+        cfg = dataclasses.replace(cfg, saliency='column_mean')
+    if cfg.regions == 'random_blocks':        # the uniform ablation has no saliency: show the paper's
+        cfg = dataclasses.replace(cfg, regions='components')
+    return cfg, cfg.saliency_block or default_saliency_block(encoder.depth)
+
+
+@torch.no_grad()
+def regions_of(encoder, imgs, cfg, block):
+    """(patch features [B, N, D], saliency [B, N], ordered regions bool [B, R, N]) with lambda = 1."""
+    from src.masks.saliency import select_regions
+    from src.objectives.dseq import order_slots, saliency_from
+    features, saliency = saliency_from(encoder, imgs, cfg, block)
+    grid = encoder.patch_embed.grid_size
+    regions = select_regions(saliency, grid, cfg.num_regions, cfg.min_region_area)
+    salient = order_slots(regions[:, :-1], cfg.order, torch.rand(regions.shape[0], regions.shape[1] - 1))
+    background = ~salient.any(dim=1, keepdim=True)
+    return features, saliency, torch.cat([salient, background], dim=1)
+
+
+def kmeans(x, k=4, iters=30, seed=0):
+    """Per-row k-means of x [B, N, D] (k-means++ seeding, Euclidean): cluster index [B, N]."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, D = x.shape
+    x = x.float()
+    centres = x[torch.arange(B), torch.randint(0, N, (B,), generator=g)].unsqueeze(1)      # (B, 1, D)
+    for _ in range(1, k):
+        d = torch.cdist(x, centres).amin(dim=2) ** 2                                          # (B, N)
+        pick = torch.multinomial(d + 1e-12, 1, generator=g).squeeze(1)
+        centres = torch.cat([centres, x[torch.arange(B), pick].unsqueeze(1)], dim=1)
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(dim=2)                                        # (B, N)
+        onehot = torch.nn.functional.one_hot(assign, k).float()                               # (B, N, k)
+        counts = onehot.sum(dim=1).unsqueeze(-1)                                              # (B, k, 1)
+        new = onehot.transpose(1, 2) @ x / counts.clamp_min(1)
+        centres = torch.where(counts > 0, new, centres)
+    return torch.cdist(x, centres).argmin(dim=2)
+
+
+def unnormalise(imgs, normalization):
+    mean = torch.tensor(normalization[0]).view(1, 3, 1, 1)
+    std = torch.tensor(normalization[1]).view(1, 3, 1, 1)
+    return (imgs.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def figure4(imgs, saliency, regions, grid, normalization, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    B, R, N = regions.shape
+    gh, gw = grid
+    pictures = unnormalise(imgs, normalization)
+    fig, axes = plt.subplots(B, 3, figsize=(6.6, 2.2 * B), squeeze=False)
+    for b in range(B):
+        axes[b, 0].imshow(pictures[b])
+        axes[b, 1].imshow(saliency[b].view(gh, gw).float().numpy(), cmap='inferno')
+        overlay = np.zeros((gh, gw, 3))
+        for k in range(R):
+            mask = regions[b, k].view(gh, gw).numpy()
+            colour = (0.85, 0.85, 0.85) if k == R - 1 else REGION_COLOURS[k % len(REGION_COLOURS)]
+            overlay[mask] = colour
+        axes[b, 2].imshow(pictures[b], extent=(-0.5, gw - 0.5, gh - 0.5, -0.5))
+        axes[b, 2].imshow(overlay, alpha=0.55)
+        for k in range(R):
+            mask = regions[b, k].view(gh, gw)
+            if mask.any():
+                ys, xs = mask.nonzero(as_tuple=True)
+                # the number sits on the region's patch closest to its centroid (inside the region)
+                cy, cx = ys.float().mean(), xs.float().mean()
+                i = ((ys - cy) ** 2 + (xs - cx) ** 2).argmin()
+                axes[b, 2].text(int(xs[i]), int(ys[i]), str(k + 1), ha='center', va='center', fontsize=10,
+                                fontweight='bold', color='black' if k == R - 1 else 'white')
+        for ax in axes[b]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, title in zip(axes[0], ('image', 'saliency', f'regions 1..{R} (order)')):
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure5(imgs, clusters, grid, normalization, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    B = len(imgs)
+    pictures = unnormalise(imgs, normalization)
+    cols = min(B, 8)
+    rows = (B + cols - 1) // cols
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(1.6 * cols, 3.2 * rows), squeeze=False)
+    for b in range(B):
+        r, c = 2 * (b // cols), b % cols
+        axes[r, c].imshow(pictures[b])
+        axes[r + 1, c].imshow(clusters[b].view(*grid).numpy(), cmap='tab10', vmin=0, vmax=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title('image', fontsize=9)
+    axes[1, 0].set_title('k-means, k=4', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def make_figures(checkpoint, fname, out, num_images=8, which='target_encoder', device='cpu', start=0):
+    """Write fig4_regions.png and fig5_clusters.png for `num_images` test images; returns their paths."""
+    from evals.config import load_eval_config
+    from evals.data import make_eval_datasets
+    from src.helper import load_encoder
+    cfg = load_eval_config(fname, {'pretrain.checkpoint': checkpoint})
+    encoder, info = load_encoder(checkpoint, which=which, device=device)
+    resolution = cfg.data.resolution or info['crop_size']
+    normalization = cfg.data.normalization or info['normalization']
+    data = dataclasses.replace(cfg.data, limit_train=1, limit_test=start + num_images)
+    _, test = make_eval_datasets(data, resolution, normalization)
+    imgs = torch.stack([test[i][0] for i in range(start, min(len(test), start + num_images))])
+    dseq, block = dseq_settings(checkpoint, encoder)
+    features, saliency, regions = regions_of(encoder, imgs.to(device), dseq, block)
+    grid = encoder.patch_embed.grid_size
+    os.makedirs(out, exist_ok=True)
+    paths = (os.path.join(out, 'fig4_regions.png'), os.path.join(out, 'fig5_clusters.png'))
+    figure4(imgs, saliency.cpu(), regions.cpu(), grid, normalization, paths[0])
+    figure5(imgs, kmeans(features.cpu(), k=4), grid, normalization, paths[1])
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The paper's Figures 4 (ordered regions) and 5 (patch clusters).")
+    parser.add_argument('--checkpoint', required=True)
+    parser.add_argument('--fname', required=True, help='evaluation config: which data and preprocessing')
+    parser.add_argument('--num-images', type=int, default=8)
+    parser.add_argument('--start', type=int, default=0, help='index of the first test image')
+    parser.add_argument('--which', default='target_encoder', choices=('target_encoder', 'encoder'))
+    parser.add_argument('--out', required=True)
+    parser.add_argument('--device', default='cpu')
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO)
+    from src.config import ConfigError
+    try:
+        paths = make_figures(args.checkpoint, args.fname, args.out, args.num_images, args.which, args.device,
+                             args.start)
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}')
+    print('wrote ' + ' and '.join(paths))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
