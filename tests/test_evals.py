@@ -409,3 +409,26 @@ def test_figures_for_a_dseq_checkpoint(tmp_path, trained_runs):
     _, saliency, regions = regions_of(encoder, torch.randn(4, 3, 32, 32), cfg, block)
     assert regions.shape == (4, cfg.num_regions, 16) and saliency.shape == (4, 16)
     assert (regions.sum(dim=1) == 1).all()          # disjoint, covering the image
+
+
+@pytest.mark.timeout(180)
+def test_evals_main_distributed_through_submitits_local_executor(tmp_path, trained_runs):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write_image_folder(tmp_path / 'data')
+    config = write_config(tmp_path / 'eval.yaml', {
+        'evals': ['knn'], 'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data')},
+        'knn': {'k': 3}, 'logging': {'folder': str(tmp_path / 'out')}})
+    proc = subprocess.run([sys.executable, '-m', 'evals.main_distributed', '--fname', config, '--checkpoint',
+                           trained_runs['ijepa'], '--cluster', 'local', '--folder', str(tmp_path / 'submitit'),
+                           '--wait'], cwd=repo, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'knn: top-1 100.00%' in proc.stdout
+    with open(tmp_path / 'out' / 'evals.csv') as f:
+        assert [r['checkpoint'] for r in csv.DictReader(f)] == [trained_runs['ijepa']]
+    bad = write_config(tmp_path / 'bad.yaml', {'evals': ['knn'], 'knn': {'k': 'x'}})
+    proc = subprocess.run([sys.executable, '-m', 'evals.main_distributed', '--fname', bad, '--cluster', 'local',
+                           '--folder', str(tmp_path / 'submitit2')], cwd=repo, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and 'knn.k' in proc.stderr and not (tmp_path / 'submitit2').exists()
