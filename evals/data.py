@@ -1,6 +1,8 @@
 # Evaluation datasets: a registry name -> (train split, test split) builder. Every dataset yields (image, label)
-# with integer labels (0..C-1, except clevr_count whose label is the object count itself); images go through the deterministic evaluation transform (resize, centre crop,
-# normalise). torchvision's classes read their standard on-disk formats; nothing is downloaded here.
+# with integer labels (0..C-1, except clevr_count whose label is the object count itself, 3..10); images go through
+# the deterministic evaluation transform (resize, centre crop, normalise). torchvision's classes read their standard
+# on-disk formats; nothing is downloaded here. Flowers102 is read by torchvision, which checks its .mat files
+# against the published md5 sums.
 
 import os
 
