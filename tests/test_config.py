@@ -12,7 +12,9 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IJEPA_CONFIGS = ['in1k_vith14_ep300', 'in1k_vith16-448_ep300', 'in22k_vitg16_ep44', 'in22k_vith14_ep66']
-ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True))
+ALL_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True)
+                     if os.sep + 'evals' + os.sep not in p)              # pretraining configs
+EVAL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'evals', '*.yaml')))
 
 
 @pytest.mark.parametrize('name', IJEPA_CONFIGS)
@@ -44,8 +46,16 @@ def test_every_shipped_config_trains_two_steps_at_tiny_size(path, tmp_path):
     params['mask']['patch_size'] = 8
     params['optimization']['max_steps'] = 2
     params['logging'].update(folder=str(tmp_path), log_freq=1)
+    params.pop('evaluation', None)       # the demos' evaluation after training is tested in tests/test_evals.py
     out = train_main(params)
     assert out['step'] == 2 and out['loss'] == out['loss']   # finished, finite
+
+
+@pytest.mark.parametrize('path', EVAL_CONFIGS, ids=os.path.basename)
+def test_every_shipped_eval_config_parses(path):
+    from evals.config import load_eval_config
+    cfg = load_eval_config(path)
+    assert cfg.evals and cfg.data.dataset
 
 
 def marked_keys(path):
