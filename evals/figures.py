@@ -4,7 +4,8 @@
 #       --num-images 8 --out logs/demo_dseq/figures
 #
 #   fig4_regions.png   (paper Figure 4) per image: the image, its saliency heat map, and the ordered regions
-#                      numbered 1..N (the last is the background), as DSeq-JEPA's step would select them with
+#                      numbered in prediction order (empty ones skipped; grey, last: the background), as
+#                      DSeq-JEPA's step would select them with
 #                      lambda = 1 (no random boxes), from the target encoder
 #   fig5_clusters.png  (paper Figure 5) per image: the image and a k-means clustering (k = 4) of its patch
 #                      features (the target encoder's final normalised patch tokens)
@@ -97,19 +98,21 @@ def figure4(imgs, saliency, regions, grid, normalization, path):
             overlay[mask] = colour
         axes[b, 2].imshow(pictures[b], extent=(-0.5, gw - 0.5, gh - 0.5, -0.5))
         axes[b, 2].imshow(overlay, alpha=0.55)
+        number = 0                   # regions numbered in prediction order, empty ones skipped (no step)
         for k in range(R):
             mask = regions[b, k].view(gh, gw)
             if mask.any():
+                number += 1
                 ys, xs = mask.nonzero(as_tuple=True)
                 # the number sits on the region's patch closest to its centroid (inside the region)
                 cy, cx = ys.float().mean(), xs.float().mean()
                 i = ((ys - cy) ** 2 + (xs - cx) ** 2).argmin()
-                axes[b, 2].text(int(xs[i]), int(ys[i]), str(k + 1), ha='center', va='center', fontsize=10,
+                axes[b, 2].text(int(xs[i]), int(ys[i]), str(number), ha='center', va='center', fontsize=10,
                                 fontweight='bold', color='black' if k == R - 1 else 'white')
         for ax in axes[b]:
             ax.set_xticks([])
             ax.set_yticks([])
-    for ax, title in zip(axes[0], ('image', 'saliency', f'regions 1..{R} (order)')):
+    for ax, title in zip(axes[0], ('image', 'saliency', 'regions in prediction order')):
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
