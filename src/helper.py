@@ -168,7 +168,8 @@ def load_encoder(path=None, which='target_encoder', device='cpu', model_name=Non
     'module.') the architecture comes from the checkpoint's own config; ijepa's released checkpoints carry no config,
     so `model_name` and `patch_size` must be given. The crop size follows from the position embedding and the
     [CLS] token from the weights. `which`: 'target_encoder' (default, the EMA encoder) or 'encoder'.
-    With path None: a randomly initialised encoder of the given architecture (the baseline of a probe).
+    With path None: a randomly initialised encoder of the given architecture (the baseline of a probe; seed 0, so
+    the same weights every time).
     """
     state, cfg, extras = None, {}, {}
     if path is not None:
@@ -192,7 +193,9 @@ def load_encoder(path=None, which='target_encoder', device='cpu', model_name=Non
         stored = cfg.get('data', {}).get('crop_size')
         crop_size = crop_size or (stored if stored and (stored // patch_size) ** 2 == num_patches else side * patch_size)
     crop_size = crop_size or 224
-    encoder = vit.__dict__[model_name](img_size=[crop_size], patch_size=patch_size, use_cls_token=use_cls_token)
+    with torch.random.fork_rng(devices=[]):        # a random-init baseline is the same encoder every time
+        torch.manual_seed(0)
+        encoder = vit.__dict__[model_name](img_size=[crop_size], patch_size=patch_size, use_cls_token=use_cls_token)
     if state is not None:
         try:
             encoder.load_state_dict(state)

@@ -432,3 +432,10 @@ def test_evals_main_distributed_through_submitits_local_executor(tmp_path, train
                            '--folder', str(tmp_path / 'submitit2')], cwd=repo, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and 'knn.k' in proc.stderr and not (tmp_path / 'submitit2').exists()
+
+
+def test_random_init_baseline_is_the_same_encoder_every_time():
+    a, _ = load_encoder(None, model_name='vit_pico', patch_size=8, crop_size=32)
+    torch.randn(100)                                   # whatever the global RNG state
+    b, _ = load_encoder(None, model_name='vit_pico', patch_size=8, crop_size=32)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
