@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evals.linear_probe import accuracy
 from evals.scaffold import register
 
 logger = logging.getLogger()
@@ -60,18 +61,9 @@ def train_attentive(train_x, train_y, test_x, test_y, num_classes, cfg, device='
             loss.backward()
             opt.step()
             sched.step()
-        curve.append(accuracy(model, test_x, test_y, device))
+        curve.append(accuracy(model, test_x, test_y, device, chunk=1024))
         logger.info(f'attentive probe epoch {epoch + 1}/{cfg.epochs}: test top-1 {curve[-1]:.2f}%')
     return curve[-1], curve
-
-
-@torch.no_grad()
-def accuracy(model, x, y, device, chunk=1024):
-    model.eval()
-    correct = 0
-    for start in range(0, len(x), chunk):
-        correct += (model(x[start:start + chunk].float().to(device)).argmax(dim=1).cpu() == y[start:start + chunk]).sum()
-    return 100. * int(correct) / len(x)
 
 
 def evaluate(cfg, train, test, device):

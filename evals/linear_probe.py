@@ -46,6 +46,7 @@ def train_linear(train_x, train_y, test_x, test_y, num_classes, cfg, device='cpu
 
 @torch.no_grad()
 def accuracy(head, x, y, device, chunk=4096):
+    """Top-1 accuracy in % of the classifier `head` on features x [n, ...] (chunk rows at a time, eval mode)."""
     head.eval()
     correct = 0
     for start in range(0, len(x), chunk):
