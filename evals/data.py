@@ -1,8 +1,7 @@
 # Evaluation datasets: a registry name -> (train split, test split) builder. Every dataset yields (image, label)
 # with integer labels (0..C-1, except clevr_count whose label is the object count itself, 3..10); images go through
 # the deterministic evaluation transform (resize, centre crop, normalise). torchvision's classes read their standard
-# on-disk formats; nothing is downloaded here. Flowers102 is read by torchvision, which checks its .mat files
-# against the published md5 sums.
+# on-disk formats; nothing is downloaded here (Flowers102 without torchvision's md5 check of its .mat files).
 
 import os
 
@@ -68,6 +67,15 @@ class CUB200(Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
+class Flowers102(torchvision.datasets.Flowers102):
+    """torchvision's Flowers102 reader (ROOT/flowers-102/: jpg/, imagelabels.mat, setid.mat), checking that the
+    files exist instead of their md5 sums, so that a re-packed copy of the data set also loads."""
+
+    def _check_integrity(self):
+        return self._images_folder.is_dir() and all(
+            (self._base_folder / self._file_dict[key][0]).is_file() for key in ('label', 'setid'))
+
+
 def _fashion_mnist(data, train, transform):
     from src.datasets.fashion_mnist import FashionMNIST
     dataset = FashionMNIST(data.root_path or 'data', train=train, transform=transform)
@@ -94,13 +102,13 @@ def _imagenet(data, train, transform):
     return torchvision.datasets.ImageFolder(root, transform=transform)
 
 
-def _torchvision(name, train_split, test_split, **kwargs):
+def _torchvision(name, train_split, test_split, cls=None, **kwargs):
     def build(data, train, transform):
-        cls = getattr(torchvision.datasets, name)
+        reader = cls or getattr(torchvision.datasets, name)
         split = train_split if train else test_split
         key = 'version' if name == 'INaturalist' else 'split'
         try:
-            return cls(data.root_path, **{key: split}, transform=transform, download=False, **kwargs)
+            return reader(data.root_path, **{key: split}, transform=transform, download=False, **kwargs)
         except RuntimeError as e:       # torchvision: "Dataset not found or corrupted. You can use download=True"
             raise FileNotFoundError(f'{name} ({split}) not found under {data.root_path}: {e}') from None
     return build
@@ -113,7 +121,7 @@ DATASETS = {
     'cub200': lambda data, train, transform: CUB200(data.root_path, train=train, transform=transform),
     'stanford_cars': _torchvision('StanfordCars', 'train', 'test'),
     'inaturalist2021': _torchvision('INaturalist', '2021_train', '2021_valid', target_type='full'),
-    'flowers102': _torchvision('Flowers102', 'train', 'test'),
+    'flowers102': _torchvision('Flowers102', 'train', 'test', cls=Flowers102),
     'fgvc_aircraft': _torchvision('FGVCAircraft', 'trainval', 'test'),
     'oxford_pets': _torchvision('OxfordIIITPet', 'trainval', 'test', target_types='category'),
     'clevr_count': _torchvision('CLEVRClassification', 'train', 'val'),
