@@ -5,7 +5,7 @@
 #       --group dseq logs/ab/dseq_s0 logs/ab/dseq_s1 logs/ab/dseq_s2 --out logs/ab/report
 #
 # Each run folder is evaluated with the eval config on its latest checkpoint, unless {run}/evals/ already holds
-# results of the same evaluations on that checkpoint (the demos write them when training ends). Writes
+# results of the same eval config on that same checkpoint file (the demos write them when training ends). Writes
 #   ab.md / ab.csv   per evaluation: mean +- std over the seeds of each group, and each group's difference from the
 #                    first group with a 95% Welch t confidence interval
 #   ab.png           training loss against step (mean over seeds, min-max band) and the probe's test accuracy
@@ -35,11 +35,12 @@ def run_results(run, fname, tag='jepa', device='cpu'):
     cfg = load_eval_config(fname, {'pretrain.checkpoint': checkpoint, 'logging.folder': folder})
     cached = os.path.join(folder, f'{cfg.logging.write_tag}.json')
     if os.path.isfile(cached):
+        from evals.scaffold import signature
         with open(cached) as f:
             results = json.load(f)
         by_eval = {r['eval']: r for r in results}
-        if all(e in by_eval and by_eval[e]['dataset'] == cfg.data.dataset and by_eval[e]['subset'] == cfg.data.subset
-               and os.path.abspath(by_eval[e]['checkpoint'] or '') == os.path.abspath(checkpoint) for e in cfg.evals):
+        expected = signature(cfg)     # the same eval config on the same checkpoint file, else evaluate again
+        if all(e in by_eval and by_eval[e].get('signature') == expected for e in cfg.evals):
             logger.info(f'{run}: results read from {cached}')
             return [by_eval[e] for e in cfg.evals]
     return evaluate(cfg, device)

@@ -130,7 +130,9 @@ def load_eval_config(fname, overrides=None):
         raise ConfigError(f'config file not found: {fname}') from None
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split('.') if '.' in dotted else (None, dotted)
-        (params.setdefault(section, {}) if section else params)[key] = value
+        if section and params.get(section) is None:      # a section left empty in the yaml reads as None
+            params[section] = {}
+        (params[section] if section else params)[key] = value
     try:
         return parse_eval_config(params)
     except ConfigError as e:

@@ -13,10 +13,14 @@ from torch.utils.data import Dataset, Subset
 FASHION_MNIST_TOPS = (0, 2, 4, 6)        # T-shirt/top, Pullover, Coat, Shirt: the confusable upper-body classes
 
 
+def to_rgb(img):
+    return img.convert('RGB')
+
+
 def eval_transform(resolution, normalization):
     """Resize the short side to `resolution`, centre-crop a square, normalise (RGB)."""
     return transforms.Compose([
-        transforms.Lambda(lambda img: img.convert('RGB')),
+        to_rgb,
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(resolution),
         transforms.ToTensor(),
@@ -86,20 +90,38 @@ def _fashion_mnist(data, train, transform):
     return dataset
 
 
-def _image_folder(data, train, transform):
-    split = 'train' if train else 'val'
-    root = os.path.join(data.root_path, split)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f'{root} not found: an ImageFolder evaluation set needs ROOT/train/ and ROOT/val/ '
-                                'with one folder per class')
-    return torchvision.datasets.ImageFolder(root, transform=transform)
+class SplitFolder(torchvision.datasets.ImageFolder):
+    """An ImageFolder split whose labels follow the train split's class folders, so that a val split missing a
+    class keeps the train split's numbering (an extra class in val is an error)."""
+
+    def __init__(self, root, train_root, transform=None):
+        self.train_root = train_root
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory):
+        classes, class_to_idx = super().find_classes(self.train_root)
+        extra = sorted(set(super().find_classes(directory)[0]) - set(classes))
+        if extra:
+            raise ValueError(f'{directory} has classes that {self.train_root} lacks: {extra[:5]}')
+        return classes, {c: i for c, i in class_to_idx.items() if os.path.isdir(os.path.join(directory, c))}
+
+
+def _folder_splits(data, train, what):
+    roots = [os.path.join(data.root_path, split) for split in ('train', 'val')]
+    for root in roots:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f'{root} not found: {what} needs ROOT/train/ and ROOT/val/ with one folder per '
+                                    'class')
+    return roots[0] if train else roots[1], roots[0]
+
+
+def _image_folder(data, train, transform, what='an ImageFolder evaluation set'):
+    root, train_root = _folder_splits(data, train, what)
+    return SplitFolder(root, train_root, transform=transform)
 
 
 def _imagenet(data, train, transform):
-    root = os.path.join(data.root_path, 'train' if train else 'val')
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f'{root} not found: ImageNet needs ROOT/train/ and ROOT/val/ in ImageFolder form')
-    return torchvision.datasets.ImageFolder(root, transform=transform)
+    return _image_folder(data, train, transform, what='ImageNet')
 
 
 def _torchvision(name, train_split, test_split, cls=None, **kwargs):

@@ -46,16 +46,18 @@ def extract(encoder, loader, device, poolings=('last', 'last4')):
     return {p: torch.cat(v) for p, v in out.items()}, torch.cat(labels).long()
 
 
-def cache_key(info, data, resolution, normalization, split, poolings):
+def cache_key(info, data, resolution, normalization, split, poolings, dataset=None):
     """A name that changes with anything that changes the features: the checkpoint file (path, size, mtime),
-    which encoder, the data and its preprocessing, and the poolings."""
+    which encoder, the data (settings, number of items, class list) and its preprocessing, and the poolings."""
     ckpt = info['checkpoint']
     stat = os.stat(ckpt) if ckpt else None
     desc = {'checkpoint': os.path.abspath(ckpt) if ckpt else None, 'size': stat.st_size if stat else None,
             'mtime': stat.st_mtime_ns if stat else None, 'which': info['which'], 'model': info['model_name'],
             'dataset': data.dataset, 'root': os.path.abspath(data.root_path or '.'), 'subset': data.subset,
             'limit': data.limit_train if split == 'train' else data.limit_test, 'resolution': resolution,
-            'normalization': [list(n) for n in normalization], 'split': split, 'poolings': sorted(poolings)}
+            'normalization': [list(n) for n in normalization], 'split': split, 'poolings': sorted(poolings),
+            'items': len(dataset) if dataset is not None else None,
+            'classes': list(getattr(getattr(dataset, 'dataset', dataset), 'classes', None) or [])}
     digest = hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
     return f'{data.dataset}{"-" + data.subset if data.subset else ""}_{split}_{digest}.pt'
 
@@ -64,11 +66,13 @@ def cached_features(encoder, info, loader, data, resolution, normalization, spli
     """extract(), through a cache file in `cache_dir` (None: no cache). Random-init encoders are not cached."""
     path = None
     if cache_dir and info['checkpoint']:
-        path = os.path.join(cache_dir, cache_key(info, data, resolution, normalization, split, poolings))
+        path = os.path.join(cache_dir, cache_key(info, data, resolution, normalization, split, poolings,
+                                                 loader.dataset))
         if os.path.isfile(path):
             cached = torch_load(path)
-            logger.info(f'features of {split} read from {path}')
-            return cached['features'], cached['labels']
+            if len(cached['labels']) == len(loader.dataset):
+                logger.info(f'features of {split} read from {path}')
+                return cached['features'], cached['labels']
     t0 = time.time()
     features, labels = extract(encoder, loader, device, poolings)
     logger.info(f'features of {split}: {len(labels)} images in {time.time() - t0:.1f} s')

@@ -47,9 +47,11 @@ def regions_of(encoder, imgs, cfg, block):
     from src.masks.saliency import select_regions
     from src.objectives.dseq import order_slots, saliency_from
     features, saliency = saliency_from(encoder, imgs, cfg, block)
-    grid = encoder.patch_embed.grid_size
+    p = encoder.patch_embed.patch_size
+    grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)        # the input's grid (any resolution)
     regions = select_regions(saliency, grid, cfg.num_regions, cfg.min_region_area)
-    salient = order_slots(regions[:, :-1], cfg.order, torch.rand(regions.shape[0], regions.shape[1] - 1))
+    noise = torch.rand(regions.shape[0], regions.shape[1] - 1, generator=torch.Generator().manual_seed(0))
+    salient = order_slots(regions[:, :-1], cfg.order, noise.to(regions.device))
     background = ~salient.any(dim=1, keepdim=True)
     return features, saliency, torch.cat([salient, background], dim=1)
 
@@ -148,7 +150,8 @@ def make_figures(checkpoint, fname, out, num_images=8, which='target_encoder', d
     from evals.data import make_eval_datasets
     from src.helper import load_encoder
     cfg = load_eval_config(fname, {'pretrain.checkpoint': checkpoint})
-    encoder, info = load_encoder(checkpoint, which=which, device=device)
+    encoder, info = load_encoder(checkpoint, which=which, device=device, model_name=cfg.pretrain.model_name,
+                                 patch_size=cfg.pretrain.patch_size)
     resolution = cfg.data.resolution or info['crop_size']
     normalization = cfg.data.normalization or info['normalization']
     data = dataclasses.replace(cfg.data, limit_train=1, limit_test=start + num_images)
@@ -156,7 +159,8 @@ def make_figures(checkpoint, fname, out, num_images=8, which='target_encoder', d
     imgs = torch.stack([test[i][0] for i in range(start, min(len(test), start + num_images))])
     dseq, block = dseq_settings(checkpoint, encoder)
     features, saliency, regions = regions_of(encoder, imgs.to(device), dseq, block)
-    grid = encoder.patch_embed.grid_size
+    p = encoder.patch_embed.patch_size
+    grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
     os.makedirs(out, exist_ok=True)
     paths = (os.path.join(out, 'fig4_regions.png'), os.path.join(out, 'fig5_clusters.png'))
     figure4(imgs, saliency.cpu(), regions.cpu(), grid, normalization, paths[0])
@@ -179,7 +183,7 @@ def main(argv=None):
     try:
         paths = make_figures(args.checkpoint, args.fname, args.out, args.num_images, args.which, args.device,
                              args.start)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')
     print('wrote ' + ' and '.join(paths))
     return 0

@@ -50,7 +50,8 @@ def random_init_config(cfg):
     import dataclasses
     from src.helper import load_encoder
     _, info = load_encoder(cfg.pretrain.checkpoint, which=cfg.pretrain.which, model_name=cfg.pretrain.model_name,
-                           patch_size=cfg.pretrain.patch_size, crop_size=cfg.pretrain.crop_size)
+                           patch_size=cfg.pretrain.patch_size, crop_size=cfg.pretrain.crop_size,
+                           use_cls_token=cfg.pretrain.use_cls_token)
     pretrain = dataclasses.replace(cfg.pretrain, checkpoint=None, model_name=info['model_name'],
                                    patch_size=info['patch_size'], crop_size=info['crop_size'],
                                    use_cls_token=info['use_cls_token'])

@@ -4,6 +4,7 @@
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,19 @@ def register(name, evaluate, pooling):
 
 
 CSV_COLUMNS = ('eval', 'top1', 'dataset', 'subset', 'resolution', 'checkpoint', 'which', 'method', 'step')
+
+
+def signature(cfg):
+    """What an evaluation's results depend on: the eval config (without its output folder) and the checkpoint file
+    (path, size, modification time). evals.ab reuses stored results only when this matches."""
+    desc = cfg.to_dict()
+    desc.pop('logging', None)
+    ckpt = cfg.pretrain.checkpoint
+    if ckpt:
+        stat = os.stat(ckpt)
+        desc['pretrain']['checkpoint'] = os.path.abspath(ckpt)
+        desc['checkpoint_file'] = [os.path.abspath(ckpt), stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run(cfg, device='cpu'):
@@ -63,7 +77,7 @@ def run(cfg, device='cpu'):
                'resolution': resolution, 'checkpoint': p.checkpoint, 'which': info['which'],
                'method': info.get('method'), 'step': info.get('step')}
         logger.info(f'{name}: top-1 {out["top1"]:.2f}% ({len(features["test"][1])} test images)')
-        results.append({**row, 'curve': out.get('curve')})
+        results.append({**row, 'curve': out.get('curve'), 'signature': signature(cfg)})
     record(cfg.logging.folder, cfg.logging.write_tag, results)
     return results
 

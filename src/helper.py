@@ -191,11 +191,15 @@ def load_encoder(path=None, which='target_encoder', device='cpu', model_name=Non
         num_patches = state['pos_embed'].shape[1]
         side = int(round(num_patches ** 0.5))
         stored = cfg.get('data', {}).get('crop_size')
-        crop_size = crop_size or (stored if stored and (stored // patch_size) ** 2 == num_patches else side * patch_size)
-    crop_size = crop_size or 224
+        # build at the size the weights were trained for; a requested crop_size only sets the default evaluation
+        # resolution (the position embedding is interpolated for other sizes)
+        built = stored if stored and (stored // patch_size) ** 2 == num_patches else side * patch_size
+        crop_size = crop_size or built
+    else:
+        built = crop_size = crop_size or 224
     with torch.random.fork_rng(devices=[]):        # a random-init baseline is the same encoder every time
         torch.manual_seed(0)
-        encoder = vit.__dict__[model_name](img_size=[crop_size], patch_size=patch_size, use_cls_token=use_cls_token)
+        encoder = vit.__dict__[model_name](img_size=[built], patch_size=patch_size, use_cls_token=use_cls_token)
     if state is not None:
         try:
             encoder.load_state_dict(state)

@@ -439,3 +439,69 @@ def test_random_init_baseline_is_the_same_encoder_every_time():
     torch.randn(100)                                   # whatever the global RNG state
     b, _ = load_encoder(None, model_name='vit_pico', patch_size=8, crop_size=32)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_val_labels_follow_the_train_classes_when_val_lacks_one(tmp_path):
+    from evals.config import EvalDataConfig
+    from evals.data import make_eval_datasets
+    for split, classes in (('train', ('ant', 'bee', 'cat')), ('val', ('ant', 'cat'))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new('RGB', (8, 8)).save(tmp_path / split / c / '0.png')
+    train, val = make_eval_datasets(EvalDataConfig(dataset='imagefolder', root_path=str(tmp_path)), 8,
+                                    ((0.5,) * 3, (0.5,) * 3))
+    assert [y for _, y in train] == [0, 1, 2] and [y for _, y in val] == [0, 2]     # 'cat' is 2 in both
+    (tmp_path / 'val' / 'dog').mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / 'val' / 'dog' / '0.png')
+    with pytest.raises(ValueError, match='dog'):
+        make_eval_datasets(EvalDataConfig(dataset='imagefolder', root_path=str(tmp_path)), 8, ((0.5,) * 3, (0.5,) * 3))
+
+
+def test_stored_results_are_reused_only_for_the_same_config_and_checkpoint_file(tmp_path, trained_runs, monkeypatch):
+    import shutil
+    import time
+    from evals.ab import run_results
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(trained_runs['ijepa'], run / 'jepa-latest.pth.tar')
+    write_image_folder(tmp_path / 'data')
+    params = {'evals': ['knn'], 'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data')},
+              'knn': {'k': 3}}
+    config = write_config(tmp_path / 'eval.yaml', params)
+    calls = []
+    import evals.scaffold as scaffold
+    real_run = scaffold.run
+    monkeypatch.setattr(scaffold, 'run', lambda cfg, device: calls.append(1) or real_run(cfg, device))
+    run_results(str(run), config)
+    run_results(str(run), config)
+    assert len(calls) == 1                                       # same config, same checkpoint: reused
+    write_config(tmp_path / 'eval.yaml', {**params, 'knn': {'k': 1}})
+    run_results(str(run), config)
+    assert len(calls) == 2                                       # another k: evaluated again
+    time.sleep(0.01)
+    shutil.copy(trained_runs['dseq'], run / 'jepa-latest.pth.tar')   # the run trained on
+    assert run_results(str(run), config)[0]['method'] == 'dseq' and len(calls) == 3
+
+
+def test_cached_features_are_not_reused_after_the_data_changed(tmp_path, trained_runs):
+    write_image_folder(tmp_path / 'data', per_class=3)
+    config = write_config(tmp_path / 'eval.yaml', {
+        'evals': ['knn'], 'pretrain': {'checkpoint': trained_runs['ijepa']},
+        'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data')}, 'knn': {'k': 3},
+        'logging': {'folder': str(tmp_path / 'out')}})
+    from evals.main import main
+    main(['--fname', config])
+    for split in ('train', 'val'):                 # a third class appears
+        (tmp_path / 'data' / split / 'grey').mkdir()
+        for i in range(3):
+            Image.new('RGB', (20, 20), (128, 128, 128)).save(tmp_path / 'data' / split / 'grey' / f'{i}.png')
+    main(['--fname', config])
+    results = json.load(open(tmp_path / 'out' / 'evals.json'))
+    assert len(os.listdir(tmp_path / 'out' / 'features')) == 4      # new features for the new data
+    assert results[0]['top1'] >= 0
+
+
+def test_a_requested_crop_size_sets_the_resolution_not_the_weights(trained_runs):
+    encoder, info = load_encoder(trained_runs['ijepa'], crop_size=48)
+    assert info['crop_size'] == 48
+    assert encoder(torch.randn(1, 3, 48, 48)).shape == (1, 36, 32)   # position embedding interpolated
