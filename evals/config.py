@@ -33,7 +33,7 @@ class EvalDataConfig:
                                          # checkpoint's pretraining normalisation
     batch_size: int = 256                # feature extraction
     num_workers: int = 0
-    limit_train: Optional[int] = None    # first N images of each split (smoke tests)
+    limit_train: Optional[int] = None    # N evenly spaced images of each split (smoke tests)
     limit_test: Optional[int] = None
 
 

@@ -154,7 +154,7 @@ def make_figures(checkpoint, fname, out, num_images=8, which='target_encoder', d
                                  patch_size=cfg.pretrain.patch_size)
     resolution = cfg.data.resolution or info['crop_size']
     normalization = cfg.data.normalization or info['normalization']
-    data = dataclasses.replace(cfg.data, limit_train=1, limit_test=start + num_images)
+    data = dataclasses.replace(cfg.data, limit_train=1, limit_test=None)   # items are read lazily
     _, test = make_eval_datasets(data, resolution, normalization)
     imgs = torch.stack([test[i][0] for i in range(start, min(len(test), start + num_images))])
     dseq, block = dseq_settings(checkpoint, encoder)

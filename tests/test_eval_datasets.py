@@ -168,10 +168,11 @@ def test_make_eval_datasets_gives_normalised_square_tensors_in_both_splits(tmp_p
         assert torch.allclose(x[:, 2], torch.full_like(x[:, 2], (160 / 255 - 0.5) / 0.5), atol=0.05)
 
 
-def test_make_eval_datasets_limits_each_split_to_its_first_items(tmp_path):
+def test_make_eval_datasets_limits_each_split_to_evenly_spaced_items(tmp_path):
     expected = write_fgvc_aircraft(tmp_path)
     train, test = make_eval_datasets(config('fgvc_aircraft', tmp_path, limit_train=2, limit_test=5), 8, NORM)
-    assert [y for _, y in train] == expected[0][:2]
+    n = len(expected[0])
+    assert [y for _, y in train] == [expected[0][0], expected[0][n // 2]]     # items 0 and n // 2
     assert [y for _, y in test] == expected[1]               # a limit above the split size keeps everything
     assert train[0][0].shape == (3, 8, 8)
 
