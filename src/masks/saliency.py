@@ -33,6 +33,16 @@ def normalise_saliency(saliency):
     return (saliency - lo) / (hi - lo + 1e-6)
 
 
+def count_and_sum(index, values, size):
+    """Per row, how many entries fall in each bin and the sum of their `values`: float64 [B, 2, size] from
+    index [B, N] (bins 0..size-1) and values [B, N]."""
+    B, N = index.shape
+    out = torch.zeros(B, 2, size, dtype=torch.float64, device=index.device)
+    out[:, 0].scatter_add_(1, index, torch.ones(1, 1, dtype=torch.float64, device=index.device).expand(B, N))
+    out[:, 1].scatter_add_(1, index, values.double())
+    return out
+
+
 def otsu_threshold(u):
     """Otsu threshold of each row of the 8-bit maps `u` [B, N] (values 0..255): [B] long; foreground is u > t.
 
@@ -43,10 +53,7 @@ def otsu_threshold(u):
     compare equal (OpenCV's floating-point recurrence, and its IPP path, can break such exact ties either way).
     """
     B, N = u.shape
-    levels = u.long()
-    hist = torch.zeros(B, 2, 256, dtype=torch.float64, device=u.device)    # [count, sum of levels] per level
-    hist[:, 0].scatter_add_(1, levels, torch.ones(1, 1, dtype=torch.float64, device=u.device).expand(B, N))
-    hist[:, 1].scatter_add_(1, levels, u.double())
+    hist = count_and_sum(u.long(), u, 256)                                 # [count, sum of levels] per level
     n1, m1 = hist.cumsum(dim=2).unbind(1)                                  # pixels with u <= t, and their sum
     diff = n1 * m1[:, -1:] - N * m1                                        # exact integers; 0 where a class is empty
     sigma = diff.mul_(diff).div_((N - n1).mul_(n1).clamp_min_(1.))         # N^2 * between-class variance
@@ -116,18 +123,15 @@ def select_regions(saliency, grid_size, num_regions, min_area):
     foreground = u > otsu_threshold(u).unsqueeze(1).to(torch.uint8)
     roots = connected_components(foreground, grid_size)                    # (B, N), N for background
     # -- per-component area and sum of saliency, indexed by the component's first patch (slot N: background)
-    sums = torch.zeros(B, 2, N + 1, dtype=torch.float64, device=s.device)
-    sums[:, 0].scatter_add_(1, roots, torch.ones(1, 1, dtype=torch.float64, device=s.device).expand(B, N))
-    sums[:, 1].scatter_add_(1, roots, s.double())
-    area, total = sums[:, :, :N].unbind(1)
+    area, total = count_and_sum(roots, s, N + 1)[:, :, :N].unbind(1)
     kept = area >= min_area * N
     score = torch.where(kept, total / area.clamp_min(1.), -math.inf)      # (B, N)
     # -- rank by score, ties by raster order of the first patch. At most `most` components can pass the area
     # filter, so only that many candidates (taken in raster order) need the stable sort
     K = num_regions - 1
     most = min(N, N // max(1, math.ceil(min_area * N)))
-    candidates = score.topk(most, dim=1, sorted=False).indices.sort(dim=1).values if most < N else None
-    if candidates is not None:
+    if most < N:
+        candidates = score.topk(most, dim=1, sorted=False).indices.sort(dim=1).values
         order = candidates.gather(1, torch.sort(score.gather(1, candidates), dim=1, descending=True,
                                                 stable=True).indices[:, :K])
     else:

@@ -15,6 +15,8 @@
 import torch
 import torch.nn.functional as F
 
+from src.utils.tensors import true_first
+
 
 def plan_steps(regions, prediction='sequential', max_steps=None):
     """Context and target masks of every step: (context_mask, target_mask), bool [B, S, N].
@@ -39,7 +41,7 @@ def pack(masks, K=None):
     counts = masks.sum(dim=1)                                              # (M,)
     if K is None:
         K = max(int(counts.max()), 1) if len(counts) else 1                # M = 0: no pair in the batch
-    ids = torch.sort((~masks).to(torch.uint8), dim=1, stable=True).indices[:, :K]   # True positions first
+    ids = true_first(masks, K)                                             # True positions first
     valid = torch.arange(K, device=masks.device).unsqueeze(0) < counts.unsqueeze(1)
     return ids, valid
 
@@ -145,7 +147,7 @@ def _predict_static(encoder, predictor, imgs, context_mask, target_mask):
 def _pad_tokens(t, T, value):
     """Pad dimension 1 of [B, K] or [B, K, D] to length T."""
     pad = (0, 0, 0, T - t.shape[1]) if t.dim() == 3 else (0, T - t.shape[1])
-    return torch.nn.functional.pad(t, pad, value=value)
+    return F.pad(t, pad, value=value)
 
 
 def predict_chained(encoder, predictor, imgs, context_mask, target_mask, static=False):

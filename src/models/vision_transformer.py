@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from src.masks.utils import apply_masks
-from src.utils.tensors import repeat_interleave_batch, trunc_normal_
+from src.utils.tensors import repeat_interleave_batch, true_first, trunc_normal_
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ class VisionTransformerPredictor(nn.Module):
         pred_tokens = apply_masks(pos, masks)                                 # (npred*B, K_tgt, Dp)
         pred_tokens = repeat_interleave_batch(pred_tokens, B, repeat=len(masks_x)) + self.mask_token
         x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)       # (npred*nenc*B, K_ctx+K_tgt, Dp)
-        attn_mask = None
+        attn_mask, front = None, None
         if context_valid is not None or target_valid is not None:
             if len(masks) != 1 or len(masks_x) != 1:
                 raise ValueError('padding masks need one context and one target set per row')
@@ -453,13 +453,13 @@ class VisionTransformerPredictor(nn.Module):
                                                                           dtype=torch.bool)
             valid = torch.cat([ctx, tgt], dim=1)                                 # (B, K_ctx+K_tgt)
             if compact_length is not None and compact_length < valid.shape[1]:
-                front = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :compact_length]
+                front = true_first(valid, compact_length)                            # (B, K): real tokens first
                 full, x = x, x.gather(1, front.unsqueeze(-1).expand(-1, -1, x.shape[-1]))   # (B, K, Dp)
                 valid = valid.gather(1, front)
             attn_mask = valid[:, None, None, :]                                  # (B, 1, 1, K)
         for blk in self.predictor_blocks:
             x = blk(x, attn_mask=attn_mask)
-        if attn_mask is not None and x.shape[1] < N_ctxt + masks[0].shape[1]:    # back to the [ctx, tgt] layout
+        if front is not None:                                                    # back to the [ctx, tgt] layout
             x = torch.zeros_like(full).scatter(1, front.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
         x = self.predictor_norm(x[:, N_ctxt:])
         return self.predictor_proj(x)                                         # (npred*nenc*B, K_tgt, D)

@@ -1,3 +1,4 @@
+import torch
 import torch.nn as nn
 
 from src.masks.utils import apply_masks  # noqa: F401  (ijepa also exposes it here)
@@ -18,3 +19,9 @@ def repeat_interleave_batch(x, B, repeat):
     N = len(x) // B
     x = x.reshape(N, 1, B, *x.shape[1:]).expand(N, repeat, B, *x.shape[1:])   # (N, repeat, B, ...)
     return x.reshape(N * repeat * B, *x.shape[3:])
+
+
+def true_first(mask, K):
+    """Positions [M, K] of each row of the bool [M, L] `mask`: its True entries in order, then its False ones (a
+    stable sort, so the order within each kind is kept)."""
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :K]
