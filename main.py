@@ -30,12 +30,12 @@ def free_port():
 
 def apply_overrides(params, overrides):
     """--set SECTION.KEY=VALUE entries (VALUE read as yaml) applied to the config dict."""
+    from src.config import set_keys
     for item in overrides:
         key, sep, value = item.partition('=')
         if not sep or key.count('.') != 1:
             raise SystemExit(f'error: --set {item!r}: expected SECTION.KEY=VALUE, e.g. meta.seed=1')
-        section, name = key.split('.')
-        params.setdefault(section, {})[name] = yaml.safe_load(value)
+        set_keys(params, {key: yaml.safe_load(value)})
     return params
 
 

@@ -5,9 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-import yaml
 
-from src.config import ConfigError, build_section
+from src.config import ConfigError, build_section, read_config_file, require, set_keys
 
 EVALS = ('knn', 'linear', 'linear_last', 'attentive')
 POOLINGS = ('last', 'last4')
@@ -112,9 +111,7 @@ def parse_eval_config(params):
         (cfg.linear.batch_size >= 1, 'linear.batch_size', 'at least 1'),
         (cfg.attentive.epochs >= 1, 'attentive.epochs', 'at least 1'),
     ]
-    for ok, key, expected in checks:
-        if not ok:
-            raise ConfigError(f'{key} must be {expected}')
+    require(checks)
     if cfg.pretrain.checkpoint is None and (cfg.pretrain.model_name is None or cfg.pretrain.patch_size is None):
         raise ConfigError('pretrain.checkpoint is null (random init): set pretrain.model_name and '
                           'pretrain.patch_size')
@@ -123,16 +120,7 @@ def parse_eval_config(params):
 
 def load_eval_config(fname, overrides=None):
     """Read a yaml eval config; `overrides` maps dotted keys to values (e.g. {'pretrain.checkpoint': path})."""
-    try:
-        with open(fname) as f:
-            params = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f'config file not found: {fname}') from None
-    for dotted, value in (overrides or {}).items():
-        section, key = dotted.split('.') if '.' in dotted else (None, dotted)
-        if section and params.get(section) is None:      # a section left empty in the yaml reads as None
-            params[section] = {}
-        (params[section] if section else params)[key] = value
+    params = set_keys(read_config_file(fname) or {}, overrides or {})
     try:
         return parse_eval_config(params)
     except ConfigError as e:

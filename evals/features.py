@@ -46,20 +46,29 @@ def extract(encoder, loader, device, poolings=('last', 'last4')):
     return {p: torch.cat(v) for p, v in out.items()}, torch.cat(labels).long()
 
 
+def file_identity(path):
+    """[absolute path, size, modification time] of a file (None for no file): changes when the file is rewritten."""
+    if not path:
+        return None
+    stat = os.stat(path)
+    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def digest(desc):
+    """A stable hash of a JSON-able description."""
+    return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def cache_key(info, data, resolution, normalization, split, poolings, dataset=None):
     """A name that changes with anything that changes the features: the checkpoint file (path, size, mtime),
     which encoder, the data (settings, number of items, class list) and its preprocessing, and the poolings."""
-    ckpt = info['checkpoint']
-    stat = os.stat(ckpt) if ckpt else None
-    desc = {'checkpoint': os.path.abspath(ckpt) if ckpt else None, 'size': stat.st_size if stat else None,
-            'mtime': stat.st_mtime_ns if stat else None, 'which': info['which'], 'model': info['model_name'],
+    desc = {'checkpoint': file_identity(info['checkpoint']), 'which': info['which'], 'model': info['model_name'],
             'dataset': data.dataset, 'root': os.path.abspath(data.root_path or '.'), 'subset': data.subset,
             'limit': data.limit_train if split == 'train' else data.limit_test, 'resolution': resolution,
             'normalization': [list(n) for n in normalization], 'split': split, 'poolings': sorted(poolings),
             'items': len(dataset) if dataset is not None else None,
             'classes': list(getattr(getattr(dataset, 'dataset', dataset), 'classes', None) or [])}
-    digest = hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
-    return f'{data.dataset}{"-" + data.subset if data.subset else ""}_{split}_{digest}.pt'
+    return f'{data.dataset}{"-" + data.subset if data.subset else ""}_{split}_{digest(desc)[:16]}.pt'
 
 
 def cached_features(encoder, info, loader, data, resolution, normalization, split, poolings, device, cache_dir):

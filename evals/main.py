@@ -29,13 +29,13 @@ def main(argv=None):
         overrides['pretrain.checkpoint'] = args.checkpoint
     if args.folder:
         overrides['logging.folder'] = args.folder
+    from evals.scaffold import random_init_config, run
     try:
         cfg = load_eval_config(args.fname, overrides)
         if args.random_init:
             cfg = random_init_config(cfg)
     except ConfigError as e:
         raise SystemExit(f'error: {e}')
-    from evals.scaffold import run
     try:
         results = run(cfg, device=args.devices[0])
     except FileNotFoundError as e:
@@ -43,20 +43,6 @@ def main(argv=None):
     for r in results:
         print(f'{r["eval"]}: top-1 {r["top1"]:.2f}%')
     return 0
-
-
-def random_init_config(cfg):
-    """The same evaluation on a randomly initialised encoder of the checkpoint's architecture."""
-    import dataclasses
-    from src.helper import load_encoder
-    _, info = load_encoder(cfg.pretrain.checkpoint, which=cfg.pretrain.which, model_name=cfg.pretrain.model_name,
-                           patch_size=cfg.pretrain.patch_size, crop_size=cfg.pretrain.crop_size,
-                           use_cls_token=cfg.pretrain.use_cls_token)
-    pretrain = dataclasses.replace(cfg.pretrain, checkpoint=None, model_name=info['model_name'],
-                                   patch_size=info['patch_size'], crop_size=info['crop_size'],
-                                   use_cls_token=info['use_cls_token'])
-    data = dataclasses.replace(cfg.data, normalization=cfg.data.normalization or info['normalization'])
-    return dataclasses.replace(cfg, pretrain=pretrain, data=data)
 
 
 if __name__ == '__main__':

@@ -4,7 +4,6 @@
 
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from evals import knn, linear_probe
 from evals.data import make_eval_datasets
-from evals.features import cached_features
+from evals.features import cached_features, digest, file_identity
 from src.helper import load_encoder
 
 logger = logging.getLogger()
@@ -39,12 +38,20 @@ def signature(cfg):
     (path, size, modification time). evals.ab reuses stored results only when this matches."""
     desc = cfg.to_dict()
     desc.pop('logging', None)
-    ckpt = cfg.pretrain.checkpoint
-    if ckpt:
-        stat = os.stat(ckpt)
-        desc['pretrain']['checkpoint'] = os.path.abspath(ckpt)
-        desc['checkpoint_file'] = [os.path.abspath(ckpt), stat.st_size, stat.st_mtime_ns]
-    return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+    desc['pretrain']['checkpoint'] = file_identity(cfg.pretrain.checkpoint)
+    return digest(desc)
+
+
+def random_init_config(cfg):
+    """The same evaluation on a randomly initialised encoder of the checkpoint's architecture."""
+    _, info = load_encoder(cfg.pretrain.checkpoint, which=cfg.pretrain.which, model_name=cfg.pretrain.model_name,
+                           patch_size=cfg.pretrain.patch_size, crop_size=cfg.pretrain.crop_size,
+                           use_cls_token=cfg.pretrain.use_cls_token)
+    pretrain = dataclasses.replace(cfg.pretrain, checkpoint=None, model_name=info['model_name'],
+                                   patch_size=info['patch_size'], crop_size=info['crop_size'],
+                                   use_cls_token=info['use_cls_token'])
+    data = dataclasses.replace(cfg.data, normalization=cfg.data.normalization or info['normalization'])
+    return dataclasses.replace(cfg, pretrain=pretrain, data=data)
 
 
 def run(cfg, device='cpu'):
@@ -69,7 +76,7 @@ def run(cfg, device='cpu'):
                             pin_memory=device.type == 'cuda')
         features[split] = cached_features(encoder, info, loader, cfg.data, resolution, normalization, split, poolings,
                                           device, cache_dir)
-    results = []
+    results, sig = [], signature(cfg)
     for name in cfg.evals:
         evaluate, _ = REGISTRY[name]
         out = evaluate(cfg, features['train'], features['test'], device)
@@ -77,7 +84,7 @@ def run(cfg, device='cpu'):
                'resolution': resolution, 'checkpoint': p.checkpoint, 'which': info['which'],
                'method': info.get('method'), 'step': info.get('step')}
         logger.info(f'{name}: top-1 {out["top1"]:.2f}% ({len(features["test"][1])} test images)')
-        results.append({**row, 'curve': out.get('curve'), 'signature': signature(cfg)})
+        results.append({**row, 'curve': out.get('curve'), 'signature': sig})
     record(cfg.logging.folder, cfg.logging.write_tag, results)
     return results
 
@@ -100,7 +107,6 @@ def evaluate_checkpoint(fname, checkpoint, folder, random_init=False, device='cp
     evaluations of a randomly initialised encoder of its architecture to folder/random_init). Prints one line per
     evaluation and returns {'pretrained': results, 'random_init': results or None}."""
     from evals.config import load_eval_config
-    from evals.main import random_init_config
     cfg = load_eval_config(fname, {'pretrain.checkpoint': checkpoint, 'logging.folder': folder})
     out = {'pretrained': run(cfg, device), 'random_init': None}
     if random_init:

@@ -273,9 +273,7 @@ def _validate(cfg):
         (d.loss_reduction in ('per_region', 'pooled'), 'dseq.loss_reduction', "'per_region' or 'pooled'"),
         (d.loss_beta > 0, 'dseq.loss_beta', '> 0'),
     ]
-    for ok, key, expected in checks:
-        if not ok:
-            raise ConfigError(f'{key} must be {expected}')
+    require(checks)
     depth = VIT_SIZES[cfg.meta.model_name]['depth']
     if d.saliency_block is not None and not 1 <= d.saliency_block <= depth:
         raise ConfigError(f'dseq.saliency_block must be in 1..{depth} for {cfg.meta.model_name}')
@@ -302,12 +300,35 @@ def parse_config(params):
     return _validate(build_section(Config, params, ''))
 
 
-def load_config(fname):
+def require(checks):
+    """Stop at the first (ok, key, expected) whose `ok` is false, naming the key and what it must be."""
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f'{key} must be {expected}')
+
+
+def read_config_file(fname):
+    """The yaml mapping of a config file (None if it is empty)."""
     try:
         with open(fname, 'r') as f:
-            params = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f'config file not found: {fname}') from None
+
+
+def set_keys(params, overrides):
+    """Apply {'section.key' (or a top-level 'key'): value} to a config mapping as read from yaml; a section left
+    empty in the yaml (read as None) becomes a mapping."""
+    for dotted, value in overrides.items():
+        section, key = dotted.split('.') if '.' in dotted else (None, dotted)
+        if section and params.get(section) is None:
+            params[section] = {}
+        (params[section] if section else params)[key] = value
+    return params
+
+
+def load_config(fname):
+    params = read_config_file(fname)
     try:
         return parse_config(params)
     except ConfigError as e:

@@ -257,14 +257,18 @@ def write_image_folder(root, per_class=6):
                 Image.fromarray(pixels).save(root / split / c / f'{i}.png')
 
 
+def folder_eval_config(tmp_path, evals, per_class=6, data=None, **sections):
+    """Write the two-class image folder in tmp_path/data and an eval config on it: the config's path."""
+    write_image_folder(tmp_path / 'data', per_class)
+    data = {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data'), **(data or {})}
+    return write_config(tmp_path / 'eval.yaml', {'evals': evals, 'data': data, **sections})
+
+
 def test_evals_main_writes_results_and_reuses_cached_features(tmp_path, trained_runs, monkeypatch):
-    write_image_folder(tmp_path / 'data')
-    config = write_config(tmp_path / 'eval.yaml', {
-        'evals': ['knn', 'linear', 'linear_last', 'attentive'],
-        'pretrain': {'checkpoint': trained_runs['dseq']},
-        'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data'), 'batch_size': 5},
-        'knn': {'k': 3}, 'linear': {'epochs': 4, 'batch_size': 4}, 'attentive': {'epochs': 2, 'num_heads': 2},
-        'logging': {'folder': str(tmp_path / 'out')}})
+    config = folder_eval_config(tmp_path, ['knn', 'linear', 'linear_last', 'attentive'],
+                                pretrain={'checkpoint': trained_runs['dseq']}, data={'batch_size': 5},
+                                knn={'k': 3}, linear={'epochs': 4, 'batch_size': 4},
+                                attentive={'epochs': 2, 'num_heads': 2}, logging={'folder': str(tmp_path / 'out')})
     from evals.main import main
     assert main(['--fname', config]) == 0
     with open(tmp_path / 'out' / 'evals.csv') as f:
@@ -301,11 +305,8 @@ def test_evals_config_errors_name_the_key(tmp_path):
 
 
 def test_training_ends_with_the_evaluation_of_its_checkpoint(tmp_path, capsys):
-    write_image_folder(tmp_path / 'data')
-    eval_config = write_config(tmp_path / 'eval.yaml', {
-        'evals': ['knn', 'linear'],
-        'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data'), 'batch_size': 8},
-        'knn': {'k': 3}, 'linear': {'epochs': 2, 'batch_size': 4}})
+    eval_config = folder_eval_config(tmp_path, ['knn', 'linear'], data={'batch_size': 8}, knn={'k': 3},
+                                     linear={'epochs': 2, 'batch_size': 4})
     out = train_main(tiny_params(tmp_path / 'run', **{'optimization.max_steps': 2,
                                                       'evaluation.fname': eval_config,
                                                       'evaluation.random_init_baseline': True}))
@@ -344,11 +345,8 @@ def test_ab_statistics_equal_scipys_welch_test():
 
 
 def test_ab_command_writes_table_and_plot_and_reuses_results(tmp_path, monkeypatch):
-    write_image_folder(tmp_path / 'data')
-    eval_config = write_config(tmp_path / 'eval.yaml', {
-        'evals': ['knn', 'linear'],
-        'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data'), 'batch_size': 8},
-        'knn': {'k': 3}, 'linear': {'epochs': 3, 'batch_size': 4}})
+    eval_config = folder_eval_config(tmp_path, ['knn', 'linear'], data={'batch_size': 8}, knn={'k': 3},
+                                     linear={'epochs': 3, 'batch_size': 4})
     runs = {}
     for method, cls in (('ijepa', False), ('dseq', True)):
         for seed in (0, 1):
@@ -395,9 +393,7 @@ def test_kmeans_recovers_separated_clusters():
 
 def test_figures_for_a_dseq_checkpoint(tmp_path, trained_runs):
     from evals.figures import dseq_settings, make_figures, regions_of
-    write_image_folder(tmp_path / 'data')
-    config = write_config(tmp_path / 'eval.yaml', {
-        'evals': ['knn'], 'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data')}})
+    config = folder_eval_config(tmp_path, ['knn'])
     for method in ('dseq', 'ijepa'):        # I-JEPA (no [CLS]): column_mean saliency
         paths = make_figures(trained_runs[method], config, str(tmp_path / method), num_images=3)
         for path in paths:
@@ -416,10 +412,7 @@ def test_evals_main_distributed_through_submitits_local_executor(tmp_path, train
     import subprocess
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    write_image_folder(tmp_path / 'data')
-    config = write_config(tmp_path / 'eval.yaml', {
-        'evals': ['knn'], 'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data')},
-        'knn': {'k': 3}, 'logging': {'folder': str(tmp_path / 'out')}})
+    config = folder_eval_config(tmp_path, ['knn'], knn={'k': 3}, logging={'folder': str(tmp_path / 'out')})
     proc = subprocess.run([sys.executable, '-m', 'evals.main_distributed', '--fname', config, '--checkpoint',
                            trained_runs['ijepa'], '--cluster', 'local', '--folder', str(tmp_path / 'submitit'),
                            '--wait'], cwd=repo, capture_output=True, text=True, timeout=170)
@@ -484,11 +477,8 @@ def test_stored_results_are_reused_only_for_the_same_config_and_checkpoint_file(
 
 
 def test_cached_features_are_not_reused_after_the_data_changed(tmp_path, trained_runs):
-    write_image_folder(tmp_path / 'data', per_class=3)
-    config = write_config(tmp_path / 'eval.yaml', {
-        'evals': ['knn'], 'pretrain': {'checkpoint': trained_runs['ijepa']},
-        'data': {'dataset': 'imagefolder', 'root_path': str(tmp_path / 'data')}, 'knn': {'k': 3},
-        'logging': {'folder': str(tmp_path / 'out')}})
+    config = folder_eval_config(tmp_path, ['knn'], per_class=3, pretrain={'checkpoint': trained_runs['ijepa']},
+                                knn={'k': 3}, logging={'folder': str(tmp_path / 'out')})
     from evals.main import main
     main(['--fname', config])
     for split in ('train', 'val'):                 # a third class appears
