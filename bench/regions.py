@@ -4,6 +4,14 @@
 #
 #   python -m bench.regions [--batch-size 256] [--grid 14] [--repeats 20]
 #
+# Conditions are those of a training step, where select_regions runs between other torch work:
+# - the two implementations alternate in blocks of --block consecutive calls on the same maps (steady state;
+#   alternating single calls with the single-threaded OpenCV loop would also time the wake-up of torch's idle
+#   worker threads on every call);
+# - the process has freed one large tensor first. glibc then serves allocations of a few MB from its heap instead
+#   of fresh pages (its mmap threshold adapts upwards), as it does in any training process after the first step;
+#   without it each call here would also pay ~1,400 page faults.
+#
 # Needs opencv-python-headless (a test/bench dependency only). The last line is
 #   regions_ms=<median> opencv_ms=<median> speedup=<opencv / ours>
 
@@ -62,7 +70,8 @@ def main(argv=None):
     parser.add_argument('--grid', type=int, default=14, help='grid side (14 = 224 px / patch 16)')
     parser.add_argument('--num-regions', type=int, default=5)
     parser.add_argument('--min-area', type=float, default=0.15)
-    parser.add_argument('--repeats', type=int, default=20)
+    parser.add_argument('--repeats', type=int, default=20, help='maps per implementation')
+    parser.add_argument('--block', type=int, default=5, help='consecutive calls before switching implementation')
     parser.add_argument('--device', default='cpu')
     args = parser.parse_args(argv)
 
@@ -73,25 +82,27 @@ def main(argv=None):
         'ours': lambda m: select_regions(m, grid, args.num_regions, args.min_area),
         'opencv': lambda m: opencv_regions(m, grid, args.num_regions, args.min_area),
     }
+    torch.empty(24 << 20, dtype=torch.uint8)   # allocated and freed: a training process's allocator (see the top)
     for f in run.values():                      # warm-up
         f(maps[0])
     times = {name: [] for name in run}
-    same = 0
-    for m in maps:                               # interleaved, same maps
-        results = {}
+    results = {name: [] for name in run}
+    for start in range(0, len(maps), args.block):   # alternating blocks, same maps
         for name, f in run.items():
-            if args.device.startswith('cuda'):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            results[name] = f(m)
-            if args.device.startswith('cuda'):
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) * 1000.)
-        same += int((results['ours'] == results['opencv']).all(dim=(1, 2)).sum())
+            for m in maps[start:start + args.block]:
+                if args.device.startswith('cuda'):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                results[name].append(f(m))
+                if args.device.startswith('cuda'):
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - t0) * 1000.)
+    same = sum(int((a == b).all(dim=(1, 2)).sum()) for a, b in zip(results['ours'], results['opencv']))
     med = {name: statistics.median(t) for name, t in times.items()}
     total = args.batch_size * args.repeats
     print(f'select_regions: batch {args.batch_size}, grid {args.grid}x{args.grid}, {args.num_regions} regions, '
-          f'min area {args.min_area}, {args.device}, {torch.get_num_threads()} threads, {args.repeats} repeats')
+          f'min area {args.min_area}, {args.device}, {torch.get_num_threads()} threads, {args.repeats} repeats in '
+          f'blocks of {args.block}')
     print(f'{"impl":<8}{"median ms":>12}{"min ms":>10}')
     for name, t in times.items():
         print(f'{name:<8}{med[name]:>12.2f}{min(t):>10.2f}')

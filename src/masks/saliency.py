@@ -30,7 +30,7 @@ def normalise_saliency(saliency):
     saliency = saliency.float()
     lo = saliency.amin(dim=1, keepdim=True)
     hi = saliency.amax(dim=1, keepdim=True)
-    return (saliency - lo) / (hi - lo + 1e-6)
+    return (saliency - lo).div_(hi.sub_(lo).add_(1e-6))
 
 
 def count_and_sum(index, values, size):
@@ -53,52 +53,72 @@ def otsu_threshold(u):
     compare equal (OpenCV's floating-point recurrence, and its IPP path, can break such exact ties either way).
     """
     B, N = u.shape
-    hist = count_and_sum(u.long(), u, 256)                                 # [count, sum of levels] per level
-    n1, m1 = hist.cumsum(dim=2).unbind(1)                                  # pixels with u <= t, and their sum
-    diff = n1 * m1[:, -1:] - N * m1                                        # exact integers; 0 where a class is empty
-    sigma = diff.mul_(diff).div_((N - n1).mul_(n1).clamp_min_(1.))         # N^2 * between-class variance
-    best, t = sigma.max(dim=1)                                             # first maximum
-    return t * (best > 0)
+    n1, m1 = count_and_sum(u.long(), u, 256).cumsum_(dim=2).unbind(1)    # pixels with u <= t, and their sum
+    diff = torch.mul(n1, m1[:, -1:]).sub_(m1, alpha=N)                   # exact integers; 0 where a class is empty
+    sigma = diff.square_().div_((N - n1).mul_(n1).clamp_min_(1.))        # N^2 * between-class variance
+    return sigma.argmax(dim=1)                                           # first maximum; 0 if all are 0
 
 
-def connected_components(foreground, grid_size, max_rounds=None):
-    """8-connected components of each image's foreground: [B, N] long, the smallest raster index of the pixel's
-    component (its first patch), or N for background.
+def _component_labels(foreground, grid_size, max_rounds=None):
+    """8-connected components by min-label propagation: (labels, top, W) where labels is a [B, gh, gw] view whose
+    value at a foreground pixel is the position (row * W + column, W = gw + 1) of its component's first patch in
+    raster order, and `top` (the dtype's maximum) at background pixels.
 
-    Min-label propagation on one flat buffer that holds the whole batch: every foreground pixel starts with its own
-    raster index and each round takes the minimum over its 3x3 neighbourhood (two shifted minimums along the row,
-    two along the column), background pinned to the largest value. Images are separated by a padding row and rows
-    by a padding column, so a shift never crosses from one image or row into another, and every operation is one
-    contiguous vector op on a small integer type (uint8 for up to 254 patches). A component is final after as many
-    rounds as its geodesic radius from its first patch; on the CPU it stops as soon as two rounds change nothing,
-    elsewhere it runs N rounds, which suffice for any map, so it never synchronises with the host.
+    The batch lives in one flat buffer: a padding row, then per image gh pixel rows and one padding row, each
+    row with one padding column, so a shift never crosses from one image or row into another and every operation
+    is one contiguous vector op on a small integer type (uint8 for grids up to 15x15). Every foreground pixel starts
+    with its own position and each round takes the minimum over its 3x3 neighbourhood (two shifted minimums along
+    the row, two along the column), background pinned to `top`; rounds alternate between two buffers. A component
+    is final after as many rounds as its geodesic radius from its first patch; on the CPU the loop stops as soon
+    as a round changes nothing, elsewhere it runs N rounds, which suffice for any map, so it never synchronises
+    with the host.
     """
     B, N = foreground.shape
     gh, gw = grid_size
     device = foreground.device
-    dtype = torch.uint8 if N < 255 else torch.int16 if N < 2 ** 15 - 1 else torch.int32
-    top = torch.iinfo(dtype).max                                           # background and padding
-    W = gw + 1                                                             # + one padding column per row
-    # rows of the buffer: one padding row, then per image gh pixel rows and one padding row
-    labels = torch.full((B * (gh + 1) + 1, W), top, dtype=dtype, device=device)
-    pinned = torch.full_like(labels, top)                                  # 0 on foreground pixels, top elsewhere
-    grid = labels[1:].view(B, gh + 1, W)[:, :gh, :gw]                      # (B, gh, gw) view of the pixels
-    grid_pinned = pinned[1:].view(B, gh + 1, W)[:, :gh, :gw]
-    grid_pinned.copy_((~foreground).view(B, gh, gw).to(dtype).mul_(top))
-    torch.maximum(torch.arange(N, dtype=dtype, device=device).view(1, gh, gw), grid_pinned, out=grid)
-    flat, pinned = labels.view(-1), pinned.view(-1)
-    inner = slice(W + 1, flat.numel() - W - 1)                             # positions that have all 8 neighbours
+    W = gw + 1
+    last = (gh - 1) * W + gw - 1                                           # largest position of a pixel
+    dtype = torch.uint8 if last < 255 else torch.int16 if last < 2 ** 15 - 1 else torch.int32
+    top = torch.iinfo(dtype).max
+    # buffers 0 and 1: labels (rounds alternate); buffer 2: 0 on foreground pixels, top elsewhere
+    buffers = torch.full((3, B * (gh + 1) + 1, W), top, dtype=dtype, device=device)
+    images = buffers[:, 1:].view(3, B, gh + 1, W)
+    pin = images[2]
+    if dtype == torch.uint8:
+        pin[:, :gh, :gw] = foreground.view(torch.uint8).sub(1).view(B, gh, gw)   # 1 - 1 = 0, 0 - 1 = 255
+    else:
+        pin[:, :gh, :gw] = (~foreground).to(dtype).mul_(top).view(B, gh, gw)
+    position = torch.arange((gh + 1) * W, dtype=dtype, device=device).view(1, gh + 1, W)
+    torch.maximum(position, pin.expand(2, B, gh + 1, W), out=images[:2])
+    flat = buffers.view(3, -1)
+    L = flat.shape[1]
+    inner = slice(W + 1, L - W - 1)                                        # positions that have all 8 neighbours
+    row = torch.empty(L - 2, dtype=dtype, device=device)                   # row[i]: min of i .. i + 2
+    box = torch.empty(L - 2 * W - 2, dtype=dtype, device=device)           # box[i]: 3x3 minimum at i + W + 1
+    up, middle, down = row[:-2 * W], row[W:-W], row[2 * W:]
+    pinned = flat[2, inner]
+    source, target = flat[0], flat[1]
+    steps = [(f[:-2], f[1:-1], f[2:], flat[1 - i, inner]) for i, f in enumerate((source, target))]
     check = device.type == 'cpu' if max_rounds is None else False
-    previous = flat.clone() if check else None
+    current = 0
     for r in range(N if max_rounds is None else max_rounds):
-        row = torch.minimum(torch.minimum(flat[:-2], flat[1:-1]), flat[2:])          # row[i]: min of i .. i + 2
-        box = torch.minimum(torch.minimum(row[:-2 * W], row[W:-W]), row[2 * W:])     # box[i]: 3x3 at i + W + 1
-        torch.maximum(box, pinned[inner], out=flat[inner])
-        if check and r % 2:
-            if torch.equal(flat, previous):
-                break
-            previous.copy_(flat)
-    return torch.where(foreground, grid.reshape(B, N).long(), N)
+        left, centre, right, out = steps[current]
+        torch.minimum(torch.minimum(left, centre, out=row), right, out=row)
+        torch.minimum(torch.minimum(up, middle, out=box), down, out=box)
+        torch.maximum(box, pinned, out=out)
+        current = 1 - current
+        if check and r % 2 and torch.equal(source, target):
+            break
+    return images[current, :, :gh, :gw], top, W
+
+
+def connected_components(foreground, grid_size, max_rounds=None):
+    """8-connected components of each image's foreground [B, N] (bool, raster order): [B, N] long, the raster
+    index of the pixel's component's first patch, or N for background. See `_component_labels`."""
+    B, N = foreground.shape
+    labels, top, W = _component_labels(foreground, grid_size, max_rounds)
+    labels = labels.long().view(B, N)
+    return labels.sub_(labels // W).clamp_max_(N)                          # row * W + col -> row * gw + col
 
 
 def select_regions(saliency, grid_size, num_regions, min_area):
@@ -119,29 +139,32 @@ def select_regions(saliency, grid_size, num_regions, min_area):
     if num_regions < 2:
         raise ValueError(f'num_regions must be at least 2, got {num_regions}')
     s = normalise_saliency(saliency)                                       # (B, N) in [0, 1)
-    u = (s * 255).to(torch.uint8)                                          # floor, as OpenCV's 8-bit map
-    foreground = u > otsu_threshold(u).unsqueeze(1).to(torch.uint8)
-    roots = connected_components(foreground, grid_size)                    # (B, N), N for background
-    # -- per-component area and sum of saliency, indexed by the component's first patch (slot N: background)
-    area, total = count_and_sum(roots, s, N + 1)[:, :, :N].unbind(1)
-    kept = area >= min_area * N
-    score = torch.where(kept, total / area.clamp_min(1.), -math.inf)      # (B, N)
+    u = s.mul(255).to(torch.uint8)                                         # floor, as OpenCV's 8-bit map
+    foreground = u > otsu_threshold(u).to(torch.uint8).unsqueeze(1)
+    # component id of every pixel: the padded position of the component's first patch (ids increase in raster
+    # order), `top` for background
+    labels, top, _ = _component_labels(foreground, grid_size)
+    labels = labels.long().view(B, N)
+    # -- per-component area and mean saliency, indexed by id (the background's slot `top` is dropped)
+    area, total = count_and_sum(labels, s, top + 1)[:, :, :top].unbind(1)
+    kept = area >= max(1., min_area * N)
+    score = torch.where(kept, total / area, -math.inf)                    # (B, top)
     # -- rank by score, ties by raster order of the first patch. At most `most` components can pass the area
     # filter, so only that many candidates (taken in raster order) need the stable sort
     K = num_regions - 1
-    most = min(N, N // max(1, math.ceil(min_area * N)))
-    if most < N:
+    most = min(top, N // max(1, math.ceil(min_area * N)))
+    if most < top:
         candidates = score.topk(most, dim=1, sorted=False).indices.sort(dim=1).values
         order = candidates.gather(1, torch.sort(score.gather(1, candidates), dim=1, descending=True,
                                                 stable=True).indices[:, :K])
     else:
         order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :K]
     valid = kept.gather(1, order)                                          # (B, min(K, most))
-    # -- region number of every component (K = background), looked up by each pixel's root
+    # -- region number of every component (K = background), looked up by each pixel's id
     rank = torch.arange(order.shape[1], device=s.device).expand_as(order)
-    table = torch.full((B, N + 1), K, device=s.device, dtype=torch.long)
-    table.scatter_(1, torch.where(valid, order, N), torch.where(valid, rank, K))
-    region = table.gather(1, roots)                                        # (B, N) in 0..K
+    table = torch.full((B, top + 1), K, device=s.device, dtype=torch.long)
+    table.scatter_(1, torch.where(valid, order, top), torch.where(valid, rank, K))
+    region = table.gather(1, labels)                                       # (B, N) in 0..K
     return region.unsqueeze(1) == torch.arange(num_regions, device=s.device).view(1, -1, 1)   # (B, R, N)
 
 
