@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures('one_thread')]
 
 
 
-GRIDS = [(14, 14), (8, 8), (7, 9)]
+GRIDS = [(14, 14), (8, 8), (7, 9), (16, 16)]          # 16x16: labels no longer fit in uint8
 NUM_REGIONS = [2, 3, 5, 7]
 MIN_AREAS = [0., 0.02, 0.15, 0.3]
 

@@ -59,19 +59,19 @@ def otsu_threshold(u):
     return sigma.argmax(dim=1)                                           # first maximum; 0 if all are 0
 
 
-def _component_labels(foreground, grid_size, max_rounds=None):
-    """8-connected components by min-label propagation: (labels, top, W) where labels is a [B, gh, gw] view whose
-    value at a foreground pixel is the position (row * W + column, W = gw + 1) of its component's first patch in
-    raster order, and `top` (the dtype's maximum) at background pixels.
+def _component_ids(foreground, grid_size, max_rounds=None):
+    """8-connected components by min-label propagation: [B, N] long, for each foreground pixel the id of its
+    component, the position (row * W + column, W = gw + 1) of the component's first patch in raster order, so ids
+    increase in raster order; (gh - 1) * W + gw (one more than the largest id) for background pixels.
 
     The batch lives in one flat buffer: a padding row, then per image gh pixel rows and one padding row, each
     row with one padding column, so a shift never crosses from one image or row into another and every operation
     is one contiguous vector op on a small integer type (uint8 for grids up to 15x15). Every foreground pixel starts
     with its own position and each round takes the minimum over its 3x3 neighbourhood (two shifted minimums along
-    the row, two along the column), background pinned to `top`; rounds alternate between two buffers. A component
-    is final after as many rounds as its geodesic radius from its first patch; on the CPU the loop stops as soon
-    as a round changes nothing, elsewhere it runs N rounds, which suffice for any map, so it never synchronises
-    with the host.
+    the row, two along the column), background pinned to the type's maximum; rounds alternate between two
+    buffers. A component is final after as many rounds as its geodesic radius from its first patch; on the CPU
+    the loop stops as soon as a round changes nothing, elsewhere it runs N rounds, which suffice for any map, so
+    it never synchronises with the host.
     """
     B, N = foreground.shape
     gh, gw = grid_size
@@ -109,16 +109,14 @@ def _component_labels(foreground, grid_size, max_rounds=None):
         current = 1 - current
         if check and r % 2 and torch.equal(source, target):
             break
-    return images[current, :, :gh, :gw], top, W
+    return images[current, :, :gh, :gw].long().view(B, N).clamp_max_(last + 1)
 
 
 def connected_components(foreground, grid_size, max_rounds=None):
     """8-connected components of each image's foreground [B, N] (bool, raster order): [B, N] long, the raster
-    index of the pixel's component's first patch, or N for background. See `_component_labels`."""
-    B, N = foreground.shape
-    labels, top, W = _component_labels(foreground, grid_size, max_rounds)
-    labels = labels.long().view(B, N)
-    return labels.sub_(labels // W).clamp_max_(N)                          # row * W + col -> row * gw + col
+    index of the pixel's component's first patch, or N for background. See `_component_ids`."""
+    ids = _component_ids(foreground, grid_size, max_rounds)
+    return ids.sub_(ids // (grid_size[1] + 1))                            # row * W + col -> row * gw + col
 
 
 def select_regions(saliency, grid_size, num_regions, min_area):
@@ -141,29 +139,24 @@ def select_regions(saliency, grid_size, num_regions, min_area):
     s = normalise_saliency(saliency)                                       # (B, N) in [0, 1)
     u = s.mul(255).to(torch.uint8)                                         # floor, as OpenCV's 8-bit map
     foreground = u > otsu_threshold(u).to(torch.uint8).unsqueeze(1)
-    # component id of every pixel: the padded position of the component's first patch (ids increase in raster
-    # order), `top` for background
-    labels, top, _ = _component_labels(foreground, grid_size)
-    labels = labels.long().view(B, N)
-    # -- per-component area and mean saliency, indexed by id (the background's slot `top` is dropped)
-    area, total = count_and_sum(labels, s, top + 1)[:, :, :top].unbind(1)
+    labels = _component_ids(foreground, grid_size)
+    ids = (gh - 1) * (gw + 1) + gw                                         # ids 0 .. ids - 1; background: ids
+    # -- per-component area and mean saliency, indexed by id (the background's slot is dropped)
+    area, total = count_and_sum(labels, s, ids + 1)[:, :, :ids].unbind(1)
     kept = area >= max(1., min_area * N)
-    score = torch.where(kept, total / area, -math.inf)                    # (B, top)
+    score = torch.where(kept, total / area, -math.inf)                    # (B, ids)
     # -- rank by score, ties by raster order of the first patch. At most `most` components can pass the area
     # filter, so only that many candidates (taken in raster order) need the stable sort
     K = num_regions - 1
-    most = min(top, N // max(1, math.ceil(min_area * N)))
-    if most < top:
-        candidates = score.topk(most, dim=1, sorted=False).indices.sort(dim=1).values
-        order = candidates.gather(1, torch.sort(score.gather(1, candidates), dim=1, descending=True,
-                                                stable=True).indices[:, :K])
-    else:
-        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :K]
+    most = N // max(1, math.ceil(min_area * N))
+    candidates = score.topk(most, dim=1, sorted=False).indices.sort(dim=1).values
+    order = candidates.gather(1, torch.sort(score.gather(1, candidates), dim=1, descending=True,
+                                            stable=True).indices[:, :K])
     valid = kept.gather(1, order)                                          # (B, min(K, most))
     # -- region number of every component (K = background), looked up by each pixel's id
     rank = torch.arange(order.shape[1], device=s.device).expand_as(order)
-    table = torch.full((B, top + 1), K, device=s.device, dtype=torch.long)
-    table.scatter_(1, torch.where(valid, order, top), torch.where(valid, rank, K))
+    table = torch.full((B, ids + 1), K, device=s.device, dtype=torch.long)
+    table.scatter_(1, torch.where(valid, order, ids), torch.where(valid, rank, K))
     region = table.gather(1, labels)                                       # (B, N) in 0..K
     return region.unsqueeze(1) == torch.arange(num_regions, device=s.device).view(1, -1, 1)   # (B, R, N)
 
