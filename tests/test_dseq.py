@@ -169,12 +169,14 @@ def token_dropping_inputs(seed=0):
 
 
 @pytest.mark.parametrize('use_cls_token', [True, False])
-def test_token_dropping_equals_masked_attention(use_cls_token):
+@pytest.mark.parametrize('packed', [False, True])
+def test_token_dropping_equals_masked_attention(use_cls_token, packed):
     encoder, _ = tiny_models(use_cls_token)
     imgs, ctx, ids, valid = token_dropping_inputs()
     M, P = len(ctx), int(use_cls_token)
+    num_valid = sum(CTX_SIZES) if packed else None      # packed: the per-token layers skip the padding
     with torch.no_grad():
-        out = encoder(imgs, masks=[ids], image_index=IMAGE_INDEX, key_valid=valid)      # (M, L, D)
+        out = encoder(imgs, masks=[ids], image_index=IMAGE_INDEX, key_valid=valid, num_valid=num_valid)  # (M, L, D)
         # all P + N tokens of each pair's image; every token may attend to the context tokens (and [CLS]) only
         keys = torch.cat([torch.ones(M, P, dtype=torch.bool), ctx], dim=1)              # (M, P + N)
         attn_mask = keys[:, None, None, :].expand(M, 1, P + N, P + N)
@@ -195,11 +197,13 @@ def patch_pixels(mask):
 
 
 @pytest.mark.parametrize('use_cls_token', [True, False])
-def test_pixels_outside_the_context_do_not_leak(use_cls_token):
+@pytest.mark.parametrize('packed', [False, True])
+def test_pixels_outside_the_context_do_not_leak(use_cls_token, packed):
     encoder, _ = tiny_models(use_cls_token)
     imgs, ctx, ids, valid = token_dropping_inputs(seed=1)
+    num_valid = sum(CTX_SIZES) if packed else None
     with torch.no_grad():
-        out = encoder(imgs, masks=[ids], image_index=IMAGE_INDEX, key_valid=valid)
+        out = encoder(imgs, masks=[ids], image_index=IMAGE_INDEX, key_valid=valid, num_valid=num_valid)
     g = torch.Generator().manual_seed(5)
     for m in range(len(ctx)):
         n = CTX_SIZES[m]
@@ -207,9 +211,11 @@ def test_pixels_outside_the_context_do_not_leak(use_cls_token):
         outside = patch_pixels(~ctx[m])                                      # (CROP, CROP)
         changed[int(IMAGE_INDEX[m])][:, outside] += 3 * torch.randn(3, int(outside.sum()), generator=g)
         with torch.no_grad():
-            out2 = encoder(changed, masks=[ids], image_index=IMAGE_INDEX, key_valid=valid)
+            out2 = encoder(changed, masks=[ids], image_index=IMAGE_INDEX, key_valid=valid, num_valid=num_valid)
         assert torch.allclose(out2[m, :n], out[m, :n], atol=1e-6, rtol=0), m
-        if n < ids.shape[1]:   # the padding of row m holds patches outside its context: they did change
+        if packed:                                 # padding is not computed (Packing): zeros
+            assert (out2[m, n:] == 0).all()
+        elif n < ids.shape[1]:   # the padding of row m holds patches outside its context: they did change
             assert not torch.allclose(out2[m, n:], out[m, n:], atol=1e-3)
 
 
@@ -243,13 +249,55 @@ def test_predictor_padding_equals_unpadded_rows():
         assert K < L + T
         preds_compact = predictor(z_junk, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid,
                                   compact_length=K)
-    assert preds.shape == preds_compact.shape == (4, T, 32)
+        # packed: the per-token layers see only the real tokens (with and without compaction)
+        real = sum(ctx_sizes) + sum(tgt_sizes)
+        preds_packed = predictor(z_junk, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid,
+                                 num_valid=real)
+        preds_both = predictor(z_junk, [ctx_ids], [tgt_ids], context_valid=ctx_valid, target_valid=tgt_valid,
+                               compact_length=K, num_valid=real)
+    assert preds.shape == preds_compact.shape == preds_packed.shape == preds_both.shape == (4, T, 32)
     for m, (nc, nt) in enumerate(zip(ctx_sizes, tgt_sizes)):
         with torch.no_grad():
             alone = predictor(z[m:m + 1, :nc], [ctx_ids[m:m + 1, :nc]], [tgt_ids[m:m + 1, :nt]])   # (1, nt, D)
         assert torch.allclose(preds[m, :nt], alone[0], atol=1e-5, rtol=1e-4), m
         assert torch.allclose(preds_junk[m, :nt], alone[0], atol=1e-5, rtol=1e-4), m   # padding content unused
         assert torch.allclose(preds_compact[m, :nt], alone[0], atol=1e-5, rtol=1e-4), m
+        assert torch.allclose(preds_packed[m, :nt], alone[0], atol=1e-5, rtol=1e-4), m
+        assert torch.allclose(preds_both[m, :nt], alone[0], atol=1e-5, rtol=1e-4), m
+
+
+def test_packed_tokens_give_the_padded_gradients():
+    """The packed path (per-token layers on the real tokens only) is the padded masked-attention path,
+    backwards too: same loss, same parameter gradients (drop_path off, as in every shipped config)."""
+    encoder, _ = tiny_models(True)
+    imgs, ctx, ids, valid = token_dropping_inputs(seed=2)
+    grads = []
+    for num_valid in (None, sum(CTX_SIZES)):
+        encoder.zero_grad()
+        out = encoder(imgs, masks=[ids], image_index=IMAGE_INDEX, key_valid=valid, num_valid=num_valid)
+        loss = (out.pow(2).sum(-1) * valid).sum()            # real tokens only
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in encoder.parameters() if p.grad is not None]))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_drop_path_drops_whole_rows():
+    """Stochastic depth on packed tokens keeps or drops each padded row's tokens together."""
+    from src.models.vision_transformer import Packing, drop_path
+    valid = torch.tensor([[True, True, True, False], [True, False, False, False], [True, True, False, False]])
+    packing = Packing(valid, 6)
+    torch.manual_seed(0)
+    dropped = [drop_path(torch.ones(6, 3), 0.5, True, packing) for _ in range(50)]
+    for x in dropped:
+        for row in range(3):
+            values = x[packing.rows == row].unique()
+            assert len(values) == 1 and values.item() in (0., 2.)        # all dropped or all kept (scaled 1/0.5)
+    rows_kept = torch.stack([torch.stack([x[packing.rows == r][0, 0] > 0 for r in range(3)]) for x in dropped])
+    assert 0 < rows_kept.float().mean() < 1                                 # both happen
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -91,8 +91,9 @@ def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_bucke
     # -- context encoder: groups of similar context length, each padded to its own longest, then back to
     # (image, step) order padded to L
     groups = length_buckets(ctx_len, max_buckets) if M else [[]]
-    z = [encoder(imgs, masks=[ctx_ids[rows, :l]], image_index=image_index[rows], key_valid=ctx_valid[rows, :l])
-         for _, rows, l in _groups(groups, ctx_len, device)]               # (m, l, D) each
+    z = [encoder(imgs, masks=[ctx_ids[rows, :l]], image_index=image_index[rows], key_valid=ctx_valid[rows, :l],
+                 num_valid=sum(ctx_len[i] for i in group))
+         for group, rows, l in _groups(groups, ctx_len, device)]           # (m, l, D) each
     z = torch.cat([F.pad(part, (0, 0, 0, L - part.shape[1])) for part in z])[_restore(groups, device)]  # (M, L, D)
     # -- predictor: groups of similar context + target length; in each row the real context and target tokens
     # are moved together (compact_length), so neither a short context nor a short target is padded
@@ -104,7 +105,7 @@ def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_bucke
         T = max([sizes[i][1] for i in group], default=1)
         tgt_ids, tgt_valid = pack(targets[rows], T)                        # (m, T)
         preds = predictor(z[rows, :l], [ctx_ids[rows, :l]], [tgt_ids], context_valid=ctx_valid[rows, :l],
-                          target_valid=tgt_valid, compact_length=k)        # (m, T, D)
+                          target_valid=tgt_valid, compact_length=k, num_valid=sum(total[i] for i in group))
         outputs.append((preds, tgt_ids, tgt_valid))
     # -- back to (image, step) order, every group padded to the longest target
     T = max(o[0].shape[1] for o in outputs)

@@ -72,13 +72,16 @@ def interpolate_pos_embed(pos_embed, src_grid, dst_grid):
 # Building blocks
 # --------------------------------------------------------------------------------------------------------------
 
-def drop_path(x, drop_prob: float = 0., training: bool = False):
-    """Stochastic depth: drop the whole residual branch of a sample with probability `drop_prob`."""
+def drop_path(x, drop_prob: float = 0., training: bool = False, packing=None):
+    """Stochastic depth: drop the whole residual branch of a sample with probability `drop_prob` (with `packing`,
+    x holds packed tokens [T, D] and a sample is a row of the padded batch)."""
     if drop_prob == 0. or not training:
         return x
     keep_prob = 1 - drop_prob
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep = x.new_empty(shape).bernoulli_(keep_prob)
+    if packing is not None:
+        keep = x.new_empty(packing.shape[0]).bernoulli_(keep_prob)[packing.rows].unsqueeze(-1)   # (T, 1)
+    else:
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
     return x * keep / keep_prob
 
 
@@ -87,8 +90,32 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x):
-        return drop_path(x, self.drop_prob, self.training)
+    def forward(self, x, packing=None):
+        return drop_path(x, self.drop_prob or 0., self.training, packing)
+
+
+class Packing:
+    """The real tokens of a padded batch [M, L, ...] (valid [M, L], True = real token) stored densely as [T, ...],
+    T = number of real tokens, so that the per-token layers (LayerNorm, Linear, MLP) do no work on padding.
+    Attention unpacks to [M, L] for its masked product and packs its output again.
+
+    num_valid: T, known to the caller (so building the index reads nothing from the device).
+    """
+
+    def __init__(self, valid, num_valid):
+        self.shape = valid.shape                                                # (M, L)
+        self.index = torch.nonzero_static(valid.reshape(-1), size=num_valid).squeeze(1)   # (T,) into M * L
+        self.rows = self.index // self.shape[1]                                 # (T,) row of each token
+        self.attn_mask = valid[:, None, None, :]                                # (M, 1, 1, L)
+
+    def pack(self, x):
+        """[M, L, ...] -> [T, ...]."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x):
+        """[T, ...] -> [M, L, ...], zeros at padding."""
+        M, L = self.shape
+        return x.new_zeros(M * L, *x.shape[1:]).index_copy(0, self.index, x).view(M, L, *x.shape[1:])
 
 
 class MLP(nn.Module):
@@ -141,7 +168,16 @@ class Attention(nn.Module):
             total += logits.float().softmax(dim=-1).sum(dim=(1, 2))
         return total / (self.num_heads * T)
 
-    def forward(self, x, attn_mask=None, return_cls_attn=False):
+    def forward(self, x, attn_mask=None, return_cls_attn=False, packing=None):
+        if packing is not None:                     # x: packed tokens [T, C]; attention on the padded [M, L]
+            qkv = packing.unpack(self.qkv(x))                                     # (M, L, 3C)
+            M, L, C = qkv.shape[0], qkv.shape[1], x.shape[-1]
+            q, k, v = qkv.reshape(M, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=packing.attn_mask, scale=self.scale,
+                dropout_p=self.attn_drop if self.training else 0.)               # (M, h, L, hd)
+            out = packing.pack(out.transpose(1, 2).reshape(M, L, C))             # (T, C)
+            return self.proj_drop(self.proj(out)), None
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                               # (B, h, T, hd) each
@@ -168,14 +204,16 @@ class Block(nn.Module):
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                               attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = MLP(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x, attn_mask=None, return_cls_attn=False):
-        y, cls_attn = self.attn(self.norm1(x), attn_mask=attn_mask, return_cls_attn=return_cls_attn)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x, attn_mask=None, return_cls_attn=False, packing=None):
+        """x [B, T, D]; or, with `packing`, the packed real tokens [T, D] of a padded batch (see Packing)."""
+        y, cls_attn = self.attn(self.norm1(x), attn_mask=attn_mask, return_cls_attn=return_cls_attn,
+                                packing=packing)
+        x = x + self.drop_path(y, packing)
+        x = x + self.drop_path(self.mlp(self.norm2(x)), packing)
         return (x, cls_attn) if return_cls_attn else x
 
 
@@ -310,14 +348,6 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B', 1 + K, D)
         return x
 
-    def key_padding_mask(self, key_valid):
-        """[B', K] bool (False = padding) -> attention mask [B', 1, 1, P + K] (True = may attend)."""
-        if key_valid is None:
-            return None
-        if self.num_prefix_tokens:
-            key_valid = F.pad(key_valid, (self.num_prefix_tokens, 0), value=True)
-        return key_valid[:, None, None, :]
-
     def forward_features(self, x, masks=None, return_blocks=(), return_cls_attn=(), attn_mask=None,
                          return_attn_received=()):
         """Encoder pass that also returns what DSeq-JEPA needs, without a second pass.
@@ -355,18 +385,28 @@ class VisionTransformer(nn.Module):
         return {'x': x[:, P:], 'cls': x[:, 0] if P else None, 'blocks': blocks, 'cls_attn': cls_attn,
                 'attn_received': received}
 
-    def forward(self, x, masks=None, image_index=None, key_valid=None):
+    def forward(self, x, masks=None, image_index=None, key_valid=None, num_valid=None):
         """Final normalised patch tokens of the kept tokens, [B', K, D].
 
         image_index / key_valid (optional, see prepare_tokens): token sets of varying size, padded to K; padding
-        (key_valid False) is never attended to and its outputs are meaningless. This is token dropping: tokens
-        outside `masks` never enter the encoder.
+        (key_valid False) is never attended to. With num_valid, the number of True entries in key_valid, the
+        per-token layers skip the padding too (see Packing) and its outputs are zeros; without it the shapes do
+        not depend on the data (nothing is read from the device) and the padding's outputs are meaningless. This
+        is token dropping: tokens outside `masks` never enter the encoder.
         """
         x = self.prepare_tokens(x, masks, image_index)
-        attn_mask = self.key_padding_mask(key_valid)
+        P = self.num_prefix_tokens
+        valid = None if key_valid is None else F.pad(key_valid, (P, 0), value=True)   # (B', P + K)
+        if num_valid is None:
+            attn_mask = None if valid is None else valid[:, None, None, :]
+            for blk in self.blocks:
+                x = blk(x, attn_mask=attn_mask)
+            return self.norm(x)[:, P:]
+        packing = Packing(valid, num_valid + P * len(valid))
+        x = packing.pack(x)                                                     # (T, D)
         for blk in self.blocks:
-            x = blk(x, attn_mask=attn_mask)
-        return self.norm(x)[:, self.num_prefix_tokens:]
+            x = blk(x, packing=packing)
+        return packing.unpack(self.norm(x))[:, P:]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -425,12 +465,14 @@ class VisionTransformerPredictor(nn.Module):
         init_weights(self, self.predictor_blocks, init_std=init_std, init_rescale=init_rescale)
         trunc_normal_(self.mask_token, std=init_std)
 
-    def forward(self, x, masks_x, masks, context_valid=None, target_valid=None, compact_length=None):
+    def forward(self, x, masks_x, masks, context_valid=None, target_valid=None, compact_length=None,
+                num_valid=None):
         """context_valid [B, K_ctx] / target_valid [B, K_tgt] (optional, one context and one target set): False
-        marks padding, which no token attends to. compact_length (with those masks): the largest number of real
-        tokens in a row; each row's real context and target tokens are moved to its front and the blocks run on
-        that many tokens only (attention and the MLP do not depend on token order, so the result is the same
-        without the padding between a short context and its targets)."""
+        marks padding, which no token attends to; with num_valid, the number of real tokens, no per-token layer
+        computes it either (see Packing). compact_length (with those masks): the
+        largest number of real tokens in a row; each row's real context and target tokens are moved to its front
+        and attention runs on that many positions only (attention and the MLP do not depend on token order, so
+        the result is the same without the padding between a short context and its targets)."""
         if masks is None or masks_x is None:
             raise ValueError('the predictor needs context (masks_x) and target (masks) indices')
         masks_x = masks_x if isinstance(masks_x, list) else [masks_x]
@@ -444,7 +486,7 @@ class VisionTransformerPredictor(nn.Module):
         pred_tokens = apply_masks(pos, masks)                                 # (npred*B, K_tgt, Dp)
         pred_tokens = repeat_interleave_batch(pred_tokens, B, repeat=len(masks_x)) + self.mask_token
         x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)       # (npred*nenc*B, K_ctx+K_tgt, Dp)
-        attn_mask, front = None, None
+        attn_mask, packing, front = None, None, None
         if context_valid is not None or target_valid is not None:
             if len(masks) != 1 or len(masks_x) != 1:
                 raise ValueError('padding masks need one context and one target set per row')
@@ -456,9 +498,15 @@ class VisionTransformerPredictor(nn.Module):
                 front = true_first(valid, compact_length)                            # (B, K): real tokens first
                 full, x = x, x.gather(1, front.unsqueeze(-1).expand(-1, -1, x.shape[-1]))   # (B, K, Dp)
                 valid = valid.gather(1, front)
-            attn_mask = valid[:, None, None, :]                                  # (B, 1, 1, K)
+            if num_valid is not None:
+                packing = Packing(valid, num_valid)
+                x = packing.pack(x)                                              # (T, Dp)
+            else:
+                attn_mask = valid[:, None, None, :]                              # (B, 1, 1, K)
         for blk in self.predictor_blocks:
-            x = blk(x, attn_mask=attn_mask)
+            x = blk(x, attn_mask=attn_mask, packing=packing)
+        if packing is not None:
+            x = packing.unpack(x)
         if front is not None:                                                    # back to the [ctx, tgt] layout
             x = torch.zeros_like(full).scatter(1, front.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
         x = self.predictor_norm(x[:, N_ctxt:])
