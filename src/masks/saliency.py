@@ -53,10 +53,16 @@ def otsu_threshold(u):
     compare equal (OpenCV's floating-point recurrence, and its IPP path, can break such exact ties either way).
     """
     B, N = u.shape
-    n1, m1 = count_and_sum(u.long(), u, 256).cumsum_(dim=2).unbind(1)    # pixels with u <= t, and their sum
-    diff = torch.mul(n1, m1[:, -1:]).sub_(m1, alpha=N)                   # exact integers; 0 where a class is empty
-    sigma = diff.square_().div_((N - n1).mul_(n1).clamp_min_(1.))        # N^2 * between-class variance
-    return sigma.argmax(dim=1)                                           # first maximum; 0 if all are 0
+    shift = N.bit_length()                                                 # counts < 2 ** shift
+    dtype = torch.int32 if 255 * N < 2 ** (31 - shift) else torch.int64
+    # one histogram holds each level's count (low bits) and the sum of its levels (high bits)
+    weight = (u.to(dtype) << shift).add_(1)
+    packed = torch.zeros(B, 256, dtype=dtype, device=u.device).scatter_add_(1, u.long(), weight).cumsum_(dim=1)
+    n1 = packed & ((1 << shift) - 1)                                       # pixels with u <= t
+    m1 = packed.bitwise_right_shift_(shift)                                # and the sum of their levels
+    diff = torch.mul(n1, m1[:, -1:]).sub_(m1, alpha=N).double()            # exact integers; 0 where a class is empty
+    sigma = diff.square_().div_(n1.mul_(N - n1).clamp_min_(1))            # N^2 * between-class variance
+    return sigma.argmax(dim=1)                                             # first maximum; 0 if all are 0
 
 
 def _component_ids(foreground, grid_size, max_rounds=None):
@@ -154,11 +160,12 @@ def select_regions(saliency, grid_size, num_regions, min_area):
                                             stable=True).indices[:, :K])
     valid = kept.gather(1, order)                                          # (B, min(K, most))
     # -- region number of every component (K = background), looked up by each pixel's id
-    rank = torch.arange(order.shape[1], device=s.device).expand_as(order)
-    table = torch.full((B, ids + 1), K, device=s.device, dtype=torch.long)
+    rank = torch.arange(order.shape[1], dtype=torch.uint8, device=s.device).expand_as(order)
+    table = torch.full((B, ids + 1), K, device=s.device, dtype=torch.uint8)
     table.scatter_(1, torch.where(valid, order, ids), torch.where(valid, rank, K))
     region = table.gather(1, labels)                                       # (B, N) in 0..K
-    return region.unsqueeze(1) == torch.arange(num_regions, device=s.device).view(1, -1, 1)   # (B, R, N)
+    numbers = torch.arange(num_regions, dtype=torch.uint8, device=s.device).view(1, -1, 1)
+    return region.unsqueeze(1) == numbers                                  # (B, R, N)
 
 
 # --------------------------------------------------------------------------------------------------------------
