@@ -268,7 +268,8 @@ def test_predictor_padding_equals_unpadded_rows():
 
 def test_packed_tokens_give_the_padded_gradients():
     """The packed path (per-token layers on the real tokens only) is the padded masked-attention path,
-    backwards too: same loss, same parameter gradients (drop_path off, as in every shipped config)."""
+    backwards too: same loss, same parameter gradients, encoder and predictor (drop_path off, as in every shipped
+    config)."""
     encoder, _ = tiny_models(True)
     imgs, ctx, ids, valid = token_dropping_inputs(seed=2)
     grads = []
@@ -278,11 +279,22 @@ def test_packed_tokens_give_the_padded_gradients():
         loss = (out.pow(2).sum(-1) * valid).sum()            # real tokens only
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in encoder.parameters() if p.grad is not None]))
-    (loss_a, grads_a), (loss_b, grads_b) = grads
-    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
-    assert len(grads_a) == len(grads_b) > 0
-    for a, b in zip(grads_a, grads_b):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # the predictor on those encodings, with compaction: packed against padded
+    _, predictor = tiny_models(True)
+    z = out.detach()
+    tgt_ids, tgt_valid = pack(~ctx, 4)                    # up to 4 target patches outside each context
+    for num_valid in (None, sum(CTX_SIZES) + int(tgt_valid.sum())):
+        predictor.zero_grad()
+        preds = predictor(z, [ids], [tgt_ids], context_valid=valid, target_valid=tgt_valid,
+                          compact_length=max(CTX_SIZES) + 4, num_valid=num_valid)
+        loss = (preds.pow(2).sum(-1) * tgt_valid).sum()      # real targets only
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in predictor.parameters() if p.grad is not None]))
+    for (loss_a, grads_a), (loss_b, grads_b) in (grads[:2], grads[2:]):
+        assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+        assert len(grads_a) == len(grads_b) > 0
+        for a, b in zip(grads_a, grads_b):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_packed_drop_path_drops_whole_rows():

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.masks.saliency import DSeqCollator, connected_components, random_boxes, select_regions
+from src.masks.saliency import DSeqCollator, connected_components, otsu_threshold, random_boxes, select_regions
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures('one_thread')]
 
 
 
-GRIDS = [(14, 14), (8, 8), (7, 9), (16, 16)]          # 16x16: labels no longer fit in uint8
+GRIDS = [(14, 14), (8, 8), (7, 9), (16, 16), (1, 20)]   # 16x16: labels no longer fit in uint8
 NUM_REGIONS = [2, 3, 5, 7]
 MIN_AREAS = [0., 0.02, 0.15, 0.3]
 
@@ -368,6 +368,31 @@ def test_grid_mismatch_raises():
 def test_too_few_regions_raises(num_regions):
     with pytest.raises(ValueError, match='num_regions'):
         select_regions(torch.rand(2, 16), (4, 4), num_regions=num_regions, min_area=0.)
+
+
+def test_empty_batch_gives_empty_regions():
+    assert select_regions(torch.rand(0, 196), (14, 14), num_regions=5, min_area=0.15).shape == (0, 5, 196)
+
+
+def test_more_regions_than_a_byte_counts():
+    """Region numbers past 255 (num_regions 300 on noise: many small components) stay disjoint and covering."""
+    grid = (24, 24)
+    maps = torch.randn(3, 576, generator=torch.Generator().manual_seed(0))
+    out = select_regions(maps, grid, num_regions=300, min_area=0.)
+    assert out.shape == (3, 300, 576)
+    assert torch.equal(out.sum(dim=1), torch.ones(3, 576, dtype=torch.long))
+    for b in range(3):
+        s, u = ref_quantise(maps[b].numpy())
+        comps = ref_components((u > ref_otsu(u)).reshape(grid))
+        assert int(out[b, :-1].any(dim=1).sum()) == min(len(comps), 299)
+
+
+@pytest.mark.parametrize('grid', [(48, 48), (1, 300)], ids=['48x48', '1x300'])
+def test_otsu_on_large_grids_equals_reference(grid):
+    """N = 2304 takes the int64 histogram (N * 255 levels no longer fit next to the counts in int32)."""
+    maps = random_maps(grid, seed=11, n_smooth=10, n_noisy=4, n_levels=4)
+    u = (torch.from_numpy(np.stack([ref_quantise(m)[1] for m in maps.numpy()])))
+    assert torch.equal(otsu_threshold(u), torch.tensor([ref_otsu(row) for row in u.numpy()]))
 
 
 # --------------------------------------------------------------------------------------------------------------

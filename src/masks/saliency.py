@@ -30,7 +30,7 @@ def normalise_saliency(saliency):
     saliency = saliency.float()
     lo = saliency.amin(dim=1, keepdim=True)
     hi = saliency.amax(dim=1, keepdim=True)
-    return (saliency - lo).div_(hi.sub_(lo).add_(1e-6))
+    return (saliency - lo).div_(hi - lo + 1e-6)
 
 
 def count_and_sum(index, values, size):
@@ -84,6 +84,8 @@ def _component_ids(foreground, grid_size, max_rounds=None):
     device = foreground.device
     W = gw + 1
     last = (gh - 1) * W + gw - 1                                           # largest position of a pixel
+    if B == 0:
+        return torch.zeros(0, N, dtype=torch.long, device=device)
     dtype = torch.uint8 if last < 255 else torch.int16 if last < 2 ** 15 - 1 else torch.int32
     top = torch.iinfo(dtype).max
     # buffers 0 and 1: labels (rounds alternate); buffer 2: 0 on foreground pixels, top elsewhere. Each holds
@@ -161,11 +163,12 @@ def select_regions(saliency, grid_size, num_regions, min_area):
                                             stable=True).indices[:, :K])
     valid = kept.gather(1, order)                                          # (B, min(K, most))
     # -- region number of every component (K = background), looked up by each pixel's id
-    rank = torch.arange(order.shape[1], dtype=torch.uint8, device=s.device).expand_as(order)
-    table = torch.full((B, ids + 1), K, device=s.device, dtype=torch.uint8)
+    number = torch.uint8 if num_regions <= 256 else torch.long
+    rank = torch.arange(order.shape[1], dtype=number, device=s.device).expand_as(order)
+    table = torch.full((B, ids + 1), K, device=s.device, dtype=number)
     table.scatter_(1, torch.where(valid, order, ids), torch.where(valid, rank, K))
     region = table.gather(1, labels)                                       # (B, N) in 0..K
-    numbers = torch.arange(num_regions, dtype=torch.uint8, device=s.device).view(1, -1, 1)
+    numbers = torch.arange(num_regions, dtype=number, device=s.device).view(1, -1, 1)
     return region.unsqueeze(1) == numbers                                  # (B, R, N)
 
 

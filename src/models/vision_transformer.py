@@ -99,12 +99,20 @@ class Packing:
     T = number of real tokens, so that the per-token layers (LayerNorm, Linear, MLP) do no work on padding.
     Attention unpacks to [M, L] for its masked product and packs its output again.
 
-    num_valid: T, known to the caller (so building the index reads nothing from the device).
+    num_valid: T, which must equal valid.sum(); known to the caller, so building the index reads nothing from the
+    device (torch.nonzero_static; where a torch build lacks it for the device, nonzero, which does read).
     """
 
     def __init__(self, valid, num_valid):
         self.shape = valid.shape                                                # (M, L)
-        self.index = torch.nonzero_static(valid.reshape(-1), size=num_valid).squeeze(1)   # (T,) into M * L
+        flat = valid.reshape(-1)
+        if num_valid == 0:
+            self.index = torch.zeros(0, dtype=torch.long, device=valid.device)
+        else:
+            try:
+                self.index = torch.nonzero_static(flat, size=num_valid).squeeze(1)   # (T,) into M * L
+            except NotImplementedError:                       # no kernel for this device in older torch builds
+                self.index = flat.nonzero().squeeze(1)
         self.rows = self.index // self.shape[1]                                 # (T,) row of each token
         self.attn_mask = valid[:, None, None, :]                                # (M, 1, 1, L)
 
