@@ -177,22 +177,19 @@ class Attention(nn.Module):
         return total / (self.num_heads * T)
 
     def forward(self, x, attn_mask=None, return_cls_attn=False, packing=None):
-        if packing is not None:                     # x: packed tokens [T, C]; attention on the padded [M, L]
-            qkv = packing.unpack(self.qkv(x))                                     # (M, L, 3C)
-            M, L, C = qkv.shape[0], qkv.shape[1], x.shape[-1]
-            q, k, v = qkv.reshape(M, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=packing.attn_mask, scale=self.scale,
-                dropout_p=self.attn_drop if self.training else 0.)               # (M, h, L, hd)
-            out = packing.pack(out.transpose(1, 2).reshape(M, L, C))             # (T, C)
-            return self.proj_drop(self.proj(out)), None
-        B, T, C = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        C = x.shape[-1]
+        qkv = self.qkv(x)                                                     # (B, T, 3C)
+        if packing is not None:          # x: packed tokens [T', C]; attention runs on the padded rows [B, T]
+            qkv, attn_mask = packing.unpack(qkv), packing.attn_mask
+        B, T = qkv.shape[:2]
+        qkv = qkv.reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                               # (B, h, T, hd) each
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, scale=self.scale,
             dropout_p=self.attn_drop if self.training else 0.)               # (B, h, T, hd)
         out = out.transpose(1, 2).reshape(B, T, C)
+        if packing is not None:
+            out = packing.pack(out)                                           # (T', C)
         out = self.proj_drop(self.proj(out))
         if not return_cls_attn:
             return out, None
