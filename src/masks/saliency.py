@@ -65,41 +65,41 @@ def otsu_threshold(u):
     return sigma.argmax(dim=1)                                             # first maximum; 0 if all are 0
 
 
-def _component_ids(foreground, grid_size, max_rounds=None):
-    """8-connected components by min-label propagation: [B, N] long, for each foreground pixel the id of its
-    component, the position (row * W + column, W = gw + 1) of the component's first patch in raster order, so ids
-    increase in raster order; (gh - 1) * W + gw (one more than the largest id) for background pixels.
+def _component_ids(background, grid_size, max_rounds=None):
+    """8-connected components of the pixels not in `background` [B, N] (bool) by min-label propagation: [B, N]
+    long, for each foreground pixel the id of its component, the position (row * W + column, W = gw + 1) of the
+    component's first patch in raster order, so ids increase in raster order; the background id (gh - 1) * W + gw,
+    one more than the largest id, for background pixels.
 
     The batch lives in one flat buffer: a padding row, then per image gh pixel rows and one padding row, each
     row with one padding column, so a shift never crosses from one image or row into another and every operation
     is one contiguous vector op on a small integer type (uint8 for grids up to 15x15). Every foreground pixel starts
     with its own position and each round takes the minimum over its 3x3 neighbourhood (two shifted minimums along
-    the row, two along the column), background pinned to the type's maximum; rounds alternate between two
-    buffers. A component is final after as many rounds as its geodesic radius from its first patch; on the CPU
-    the loop stops as soon as a round changes nothing, elsewhere it runs N rounds, which suffice for any map, so
-    it never synchronises with the host.
+    the row, two along the column); background pixels stay pinned to the background id and padding to the type's
+    maximum, both larger than any id, so neither ever propagates. Rounds alternate between two buffers. A
+    component is final after as many rounds as its geodesic radius from its first patch; on the CPU the loop stops
+    as soon as a round changes nothing, elsewhere it runs N rounds, which suffice for any map, so it never
+    synchronises with the host.
     """
-    B, N = foreground.shape
+    B, N = background.shape
     gh, gw = grid_size
-    device = foreground.device
+    device = background.device
     W = gw + 1
     last = (gh - 1) * W + gw - 1                                           # largest position of a pixel
     if B == 0:
         return torch.zeros(0, N, dtype=torch.long, device=device)
     dtype = torch.uint8 if last < 255 else torch.int16 if last < 2 ** 15 - 1 else torch.int32
     top = torch.iinfo(dtype).max
-    # buffers 0 and 1: labels (rounds alternate); buffer 2: 0 on foreground pixels, top elsewhere. Each holds
-    # L = (B * (gh + 1) + 1) * W entries, rounded up to whole 8-byte words so that it can be compared as int64
+    # buffers 0 and 1: labels (rounds alternate); buffer 2: the pins, 0 on foreground pixels, the background id on
+    # background pixels, top on padding. Each holds L = (B * (gh + 1) + 1) * W entries, rounded up to whole 8-byte
+    # words so that it can be compared as int64
     L = (B * (gh + 1) + 1) * W
     buffers = torch.full((3, -(-L // 8) * 8), top, dtype=dtype, device=device)
     images = buffers[:, W:L].view(3, B, gh + 1, W)
-    pin = images[2]
-    if dtype == torch.uint8:
-        pin[:, :gh, :gw] = foreground.view(torch.uint8).sub(1).view(B, gh, gw)   # 1 - 1 = 0, 0 - 1 = 255
-    else:
-        pin[:, :gh, :gw] = (~foreground).to(dtype).mul_(top).view(B, gh, gw)
+    bg = background.view(B, gh, gw)
+    torch.mul(bg.view(torch.uint8) if dtype == torch.uint8 else bg.to(dtype), last + 1, out=images[2, :, :gh, :gw])
     position = torch.arange((gh + 1) * W, dtype=dtype, device=device).view(1, gh + 1, W)
-    torch.maximum(position, pin.expand(2, B, gh + 1, W), out=images[:2])
+    torch.maximum(position, images[2].expand(2, B, gh + 1, W), out=images[:2])
     flat = buffers[:, :L]
     inner = slice(W + 1, L - W - 1)                                        # positions that have all 8 neighbours
     row = torch.empty(L - 2, dtype=dtype, device=device)                   # row[i]: min of i .. i + 2
@@ -118,13 +118,13 @@ def _component_ids(foreground, grid_size, max_rounds=None):
         current = 1 - current
         if check and r % 2 and torch.equal(*words):
             break
-    return images[current, :, :gh, :gw].long().view(B, N).clamp_max_(last + 1)
+    return images[current, :, :gh, :gw].long().view(B, N)
 
 
 def connected_components(foreground, grid_size, max_rounds=None):
     """8-connected components of each image's foreground [B, N] (bool, raster order): [B, N] long, the raster
     index of the pixel's component's first patch, or N for background. See `_component_ids`."""
-    ids = _component_ids(foreground, grid_size, max_rounds)
+    ids = _component_ids(~foreground, grid_size, max_rounds)
     return ids.sub_(ids // (grid_size[1] + 1))                            # row * W + col -> row * gw + col
 
 
@@ -147,8 +147,8 @@ def select_regions(saliency, grid_size, num_regions, min_area):
         raise ValueError(f'num_regions must be at least 2, got {num_regions}')
     s = normalise_saliency(saliency)                                       # (B, N) in [0, 1)
     u = s.mul(255).to(torch.uint8)                                         # floor, as OpenCV's 8-bit map
-    foreground = u > otsu_threshold(u).to(torch.uint8).unsqueeze(1)
-    labels = _component_ids(foreground, grid_size)
+    threshold = otsu_threshold(u).to(torch.uint8).unsqueeze(1).expand(B, N)
+    labels = _component_ids(u <= threshold.contiguous(), grid_size)      # background: u <= t (contiguous: faster)
     ids = (gh - 1) * (gw + 1) + gw                                         # ids 0 .. ids - 1; background: ids
     # -- per-component area and mean saliency, indexed by id (the background's slot is dropped)
     area, total = count_and_sum(labels, s, ids + 1)[:, :, :ids].unbind(1)
@@ -168,8 +168,9 @@ def select_regions(saliency, grid_size, num_regions, min_area):
     table = torch.full((B, ids + 1), K, device=s.device, dtype=number)
     table.scatter_(1, torch.where(valid, order, ids), torch.where(valid, rank, K))
     region = table.gather(1, labels)                                       # (B, N) in 0..K
-    numbers = torch.arange(num_regions, dtype=number, device=s.device).view(1, -1, 1)
-    return region.unsqueeze(1) == numbers                                  # (B, R, N)
+    # numbers[0, k, p] = k, materialised: broadcasting it along N instead is ~5x slower on the CPU
+    numbers = torch.arange(num_regions, dtype=number, device=s.device).view(1, -1, 1).expand(1, -1, N)
+    return region.unsqueeze(1) == numbers.contiguous()                     # (B, R, N)
 
 
 # --------------------------------------------------------------------------------------------------------------
