@@ -28,31 +28,35 @@ from src.masks.saliency import select_regions
 
 
 def opencv_regions(saliency, grid_size, num_regions, min_area):
-    """The official implementation's procedure, written from its description (SPEC section 9)."""
+    """The official implementation's procedure (SkyShunsuke/DSeq-JEPA, src/frameworks/dseqjepa/attention.py),
+    written from it: min-max normalisation in torch on the maps' device, one copy to the host, then per image an
+    OpenCV Otsu threshold and 8-connected components and a Python loop over the components with a boolean mask
+    and a mean each. Unlike the official code it returns bool masks, as select_regions does, not float ones."""
     import cv2
     gh, gw = grid_size
-    maps = saliency.detach().float().cpu().numpy()                          # device -> host
-    B, N = maps.shape
+    lo = saliency.amin(dim=1, keepdim=True)
+    hi = saliency.amax(dim=1, keepdim=True)
+    maps = ((saliency - lo) / (hi - lo + 1e-6)).view(-1, gh, gw).detach().float().cpu().numpy()  # device -> host
+    B, N = maps.shape[0], gh * gw
     per_image = []
     for b in range(B):
-        a = maps[b]
-        s = (a - a.min()) / (a.max() - a.min() + np.float32(1e-6))
-        u = (s * 255).astype(np.uint8).reshape(gh, gw)
+        s = maps[b]
+        u = (s * 255).astype(np.uint8)
         _, binary = cv2.threshold(u, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         count, labels = cv2.connectedComponents(binary, connectivity=8)
         candidates = []
         for label in range(1, count):
-            mask = (labels == label).reshape(-1)
+            mask = labels == label
             if mask.sum() < min_area * N:
                 continue
             candidates.append((s[mask].mean(), mask))
         candidates.sort(key=lambda c: c[0], reverse=True)
         regions = np.zeros((num_regions, N), dtype=bool)
-        union = np.zeros(N, dtype=bool)
+        union = np.zeros((gh, gw), dtype=bool)
         for k, (_, mask) in enumerate(candidates[:num_regions - 1]):
-            regions[k] = mask
+            regions[k] = mask.flatten()
             union |= mask
-        regions[-1] = ~union
+        regions[-1] = ~union.flatten()
         per_image.append(torch.from_numpy(regions))                         # as the official code collects them
     return torch.stack(per_image).to(saliency.device)
 

@@ -387,10 +387,14 @@ def test_more_regions_than_a_byte_counts():
         assert int(out[b, :-1].any(dim=1).sum()) == min(len(comps), 299)
 
 
-@pytest.mark.parametrize('grid', [(48, 48), (1, 300)], ids=['48x48', '1x300'])
+@pytest.mark.parametrize('grid', [(53, 53), (54, 54), (1, 300)], ids=['53x53', '54x54', '1x300'])
 def test_otsu_on_large_grids_equals_reference(grid):
-    """N = 2304 takes the int64 histogram (N * 255 levels no longer fit next to the counts in int32)."""
+    """53x53 (N = 2809) is the largest grid whose products M * n1 <= 255 * N^2 fit in int32; 54x54 (N = 2916)
+    takes the int64 path."""
     maps = random_maps(grid, seed=11, n_smooth=10, n_noisy=4, n_levels=4)
+    bright = torch.ones(2, maps.shape[1])            # u = 254 but for one or two dark patches: M * N near 255 * N^2
+    bright[0, 0] = bright[1, :2] = 0.
+    maps = torch.cat([maps, bright])
     u = (torch.from_numpy(np.stack([ref_quantise(m)[1] for m in maps.numpy()])))
     assert torch.equal(otsu_threshold(u), torch.tensor([ref_otsu(row) for row in u.numpy()]))
 

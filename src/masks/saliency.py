@@ -34,13 +34,13 @@ def normalise_saliency(saliency):
 
 
 def count_and_sum(index, values, size):
-    """Per row, how many entries fall in each bin and the sum of their `values`: float64 [B, 2, size] from
-    index [B, N] (bins 0..size-1) and values [B, N]."""
+    """Per row, how many entries fall in each bin (int32 [B, size]) and the sum of their `values` (float64
+    [B, size]), from index [B, N] (bins 0..size-1) and values [B, N]."""
     B, N = index.shape
-    out = torch.zeros(B, 2, size, dtype=torch.float64, device=index.device)
-    out[:, 0].scatter_add_(1, index, torch.ones(1, 1, dtype=torch.float64, device=index.device).expand(B, N))
-    out[:, 1].scatter_add_(1, index, values.double())
-    return out
+    ones = torch.ones(1, 1, dtype=torch.int32, device=index.device).expand(B, N)
+    count = torch.zeros(B, size, dtype=torch.int32, device=index.device).scatter_add_(1, index, ones)
+    total = torch.zeros(B, size, dtype=torch.float64, device=index.device).scatter_add_(1, index, values.double())
+    return count, total
 
 
 def otsu_threshold(u):
@@ -53,13 +53,11 @@ def otsu_threshold(u):
     compare equal (OpenCV's floating-point recurrence, and its IPP path, can break such exact ties either way).
     """
     B, N = u.shape
-    shift = N.bit_length()                                                 # counts < 2 ** shift
-    dtype = torch.int32 if 255 * N < 2 ** (31 - shift) else torch.int64
-    # one histogram holds each level's count (low bits) and the sum of its levels (high bits)
-    weight = (u.to(dtype) << shift).add_(1)
-    packed = torch.zeros(B, 256, dtype=dtype, device=u.device).scatter_add_(1, u.long(), weight).cumsum_(dim=1)
-    n1 = packed & ((1 << shift) - 1)                                       # pixels with u <= t
-    m1 = packed.bitwise_right_shift_(shift)                                # and the sum of their levels
+    dtype = torch.int32 if 255 * N * N < 2 ** 31 else torch.int64           # M * n1 <= 255 * N^2 must fit
+    ones = torch.ones(1, 1, dtype=dtype, device=u.device).expand(B, N)
+    count = torch.zeros(B, 256, dtype=dtype, device=u.device).scatter_add_(1, u.long(), ones)   # histogram
+    n1 = count.cumsum(dim=1, dtype=dtype)                                  # pixels with u <= t
+    m1 = count.mul_(torch.arange(256, dtype=dtype, device=u.device)).cumsum_(dim=1)   # and the sum of their levels
     diff = torch.mul(n1, m1[:, -1:]).sub_(m1, alpha=N).double()            # exact integers; 0 where a class is empty
     sigma = diff.square_().div_(n1.mul_(N - n1).clamp_min_(1))            # N^2 * between-class variance
     return sigma.argmax(dim=1)                                             # first maximum; 0 if all are 0
@@ -150,18 +148,20 @@ def select_regions(saliency, grid_size, num_regions, min_area):
     threshold = otsu_threshold(u).to(torch.uint8).unsqueeze(1).expand(B, N)
     labels = _component_ids(u <= threshold.contiguous(), grid_size)      # background: u <= t (contiguous: faster)
     ids = (gh - 1) * (gw + 1) + gw                                         # ids 0 .. ids - 1; background: ids
-    # -- per-component area and mean saliency, indexed by id (the background's slot is dropped)
-    area, total = count_and_sum(labels, s, ids + 1)[:, :, :ids].unbind(1)
-    kept = area >= max(1., min_area * N)
-    score = torch.where(kept, total / area, -math.inf)                    # (B, ids)
-    # -- rank by score, ties by raster order of the first patch. At most `most` components can pass the area
-    # filter, so only that many candidates (taken in raster order) need the stable sort
+    # -- per-component area and summed saliency, indexed by id (the background's slot, ids, is emptied)
+    area, total = count_and_sum(labels, s, ids + 1)
+    area[:, ids] = 0
+    # -- the candidates: at most `most` components can pass the area filter, so the `most` largest contain them
+    # all. Their mean saliency ranks them (the filtered ones last); ties keep raster order of the first patch
     K = num_regions - 1
-    most = N // max(1, math.ceil(min_area * N))
-    candidates = score.topk(most, dim=1, sorted=False).indices.sort(dim=1).values
-    order = candidates.gather(1, torch.sort(score.gather(1, candidates), dim=1, descending=True,
-                                            stable=True).indices[:, :K])
-    valid = kept.gather(1, order)                                          # (B, min(K, most))
+    min_count = max(1, math.ceil(min_area * N))                            # area >= min_area * N, in patches
+    most = N // min_count
+    candidates = area.topk(most, dim=1, sorted=False).indices.sort(dim=1).values     # (B, most), raster order
+    count = area.gather(1, candidates)
+    score = torch.where(count >= min_count, total.gather(1, candidates) / count, -math.inf)
+    score, best = torch.sort(score, dim=1, descending=True, stable=True)
+    order = candidates.gather(1, best[:, :K])                              # (B, min(K, most)) ids, ranked
+    valid = score[:, :K] > -math.inf
     # -- region number of every component (K = background), looked up by each pixel's id
     number = torch.uint8 if num_regions <= 256 else torch.long
     rank = torch.arange(order.shape[1], dtype=number, device=s.device).expand_as(order)
