@@ -1,6 +1,7 @@
 # Time DSeq-JEPA's region selection: our vectorised `select_regions` against the official repository's way
-# (copy the maps to the host, then per image: OpenCV Otsu threshold and connected components, a Python loop over
-# the components with a boolean mask and a mean each), on the same saliency maps, in the same run.
+# (min-max normalisation in torch, one copy of the maps to the host, then per image: OpenCV Otsu threshold and
+# connected components, a Python loop over the components with a boolean mask and a mean each), on the same
+# saliency maps, in the same run.
 #
 #   python -m bench.regions [--batch-size 256] [--grid 14] [--repeats 20]
 #

@@ -145,8 +145,9 @@ def select_regions(saliency, grid_size, num_regions, min_area):
         raise ValueError(f'num_regions must be at least 2, got {num_regions}')
     s = normalise_saliency(saliency)                                       # (B, N) in [0, 1)
     u = s.mul(255).to(torch.uint8)                                         # floor, as OpenCV's 8-bit map
-    threshold = otsu_threshold(u).to(torch.uint8).unsqueeze(1).expand(B, N)
-    labels = _component_ids(u <= threshold.contiguous(), grid_size)      # background: u <= t (contiguous: faster)
+    # background: u <= t, with t materialised along N (comparing with a broadcast t is ~2x slower on the CPU)
+    threshold = otsu_threshold(u).to(torch.uint8).unsqueeze(1).expand(B, N).contiguous()
+    labels = _component_ids(u <= threshold, grid_size)
     ids = (gh - 1) * (gw + 1) + gw                                         # ids 0 .. ids - 1; background: ids
     # -- per-component area and summed saliency, indexed by id (the background's slot, ids, is emptied)
     area, total = count_and_sum(labels, s, ids + 1)
