@@ -13,8 +13,10 @@
 #   of fresh pages (its mmap threshold adapts upwards), as it does in any training process after the first step;
 #   without it each call here would also pay ~1,400 page faults.
 #
-# Needs opencv-python-headless (a test/bench dependency only). The last line is
-#   regions_ms=<median> opencv_ms=<median> speedup=<opencv / ours>
+# The speedup is the median over pairs of neighbouring blocks of (OpenCV's median / ours): each pair runs within a
+# fraction of a second, so the machine's drift cancels. Needs opencv-python-headless (a test/bench dependency
+# only). The last line is
+#   regions_ms=<median> opencv_ms=<median> speedup=<median over block pairs of opencv / ours>
 
 import argparse
 import statistics
@@ -90,9 +92,11 @@ def main(argv=None):
     torch.empty(24 << 20, dtype=torch.uint8)   # allocated and freed: a training process's allocator (see the top)
     for f in run.values():                      # warm-up
         f(maps[0])
-    times = {name: [] for name in run}
+    blocks = []                                 # per block of maps: {name: [ms per call]}
     for start in range(0, len(maps), args.block):   # alternating blocks, same maps
+        blocks.append({})
         for name, f in run.items():
+            blocks[-1][name] = []
             for m in maps[start:start + args.block]:
                 if args.device.startswith('cuda'):
                     torch.cuda.synchronize()
@@ -100,9 +104,14 @@ def main(argv=None):
                 f(m)                                 # the result is dropped, as the step consumes it
                 if args.device.startswith('cuda'):
                     torch.cuda.synchronize()
-                times[name].append((time.perf_counter() - t0) * 1000.)
+                blocks[-1][name].append((time.perf_counter() - t0) * 1000.)
     same = sum(int((run['ours'](m) == run['opencv'](m)).all(dim=(1, 2)).sum()) for m in maps)   # untimed
+    times = {name: [ms for block in blocks for ms in block[name]] for name in run}
     med = {name: statistics.median(t) for name, t in times.items()}
+    # the speedup compares each block with its neighbour in time, so that the machine's drift over the run (a
+    # shared machine's speed can move by a third within a minute) cancels; the ratio of the medians is shown too
+    ratios = [statistics.median(b['opencv']) / statistics.median(b['ours']) for b in blocks]
+    speedup = statistics.median(ratios)
     total = args.batch_size * args.repeats
     print(f'select_regions: batch {args.batch_size}, grid {args.grid}x{args.grid}, {args.num_regions} regions, '
           f'min area {args.min_area}, {args.device}, {torch.get_num_threads()} threads, {args.repeats} repeats in '
@@ -112,7 +121,9 @@ def main(argv=None):
         print(f'{name:<8}{med[name]:>12.2f}{min(t):>10.2f}')
     print(f'identical regions: {same} of {total} images (differences come from exact Otsu ties, which OpenCV\'s '
           f'IPP path breaks differently)')
-    print(f'regions_ms={med["ours"]:.2f} opencv_ms={med["opencv"]:.2f} speedup={med["opencv"] / med["ours"]:.2f}')
+    print(f'opencv / ours per pair of neighbouring blocks: median {speedup:.2f}, range {min(ratios):.2f}-'
+          f'{max(ratios):.2f} over {len(ratios)} pairs; ratio of the medians {med["opencv"] / med["ours"]:.2f}')
+    print(f'regions_ms={med["ours"]:.2f} opencv_ms={med["opencv"]:.2f} speedup={speedup:.2f}')
     return 0
 
 
