@@ -60,7 +60,9 @@ def otsu_threshold(u):
     m1 = count.mul_(torch.arange(256, dtype=dtype, device=u.device)).cumsum_(dim=1)   # and the sum of their levels
     diff = torch.mul(n1, m1[:, -1:]).sub_(m1, alpha=N).double()            # exact integers; 0 where a class is empty
     sigma = diff.square_().div_(n1.mul_(N - n1).clamp_min_(1))            # N^2 * between-class variance
-    return sigma.argmax(dim=1)                                             # first maximum; 0 if all are 0
+    # first maximum (0 if all are 0). sigma >= +0 and not NaN, and such doubles order as their bit patterns read as
+    # int64: argmax on those is ~2x faster on the CPU
+    return sigma.view(torch.int64).argmax(dim=1)
 
 
 def _component_ids(background, grid_size, max_rounds=None):
