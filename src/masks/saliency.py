@@ -103,7 +103,6 @@ def _component_ids(background, grid_size, max_rounds=None):
     flat = buffers[:, :L]
     inner = slice(W + 1, L - W - 1)                                        # positions that have all 8 neighbours
     row = torch.empty(L - 2, dtype=dtype, device=device)                   # row[i]: min of i .. i + 2
-    box = torch.empty(L - 2 * W - 2, dtype=dtype, device=device)           # box[i]: 3x3 minimum at i + W + 1
     up, middle, down = row[:-2 * W], row[W:-W], row[2 * W:]
     pinned = flat[2, inner]
     steps = [(f[:-2], f[1:-1], f[2:], flat[1 - i, inner]) for i, f in enumerate(flat[:2])]
@@ -112,9 +111,9 @@ def _component_ids(background, grid_size, max_rounds=None):
     current = 0
     for r in range(N if max_rounds is None else max_rounds):
         left, centre, right, out = steps[current]
-        torch.minimum(torch.minimum(left, centre, out=row), right, out=row)
-        torch.minimum(torch.minimum(up, middle, out=box), down, out=box)
-        torch.maximum(box, pinned, out=out)
+        # (in-place methods: less call overhead than out=, which matters at ~1 us of work per op)
+        torch.minimum(left, centre, out=row).clamp_max_(right)
+        torch.minimum(up, middle, out=out).clamp_max_(down).clamp_min_(pinned)    # 3x3 minimum, then the pins
         current = 1 - current
         if check and r % 2 and torch.equal(*words):
             break
