@@ -14,8 +14,8 @@
 #   without it each call here would also pay ~1,400 page faults.
 #
 # The speedup is the median over pairs of neighbouring blocks of (OpenCV's median / ours): each pair runs within a
-# fraction of a second, so the machine's drift cancels. Needs opencv-python-headless (a test/bench dependency
-# only). The last line is
+# fraction of a second, so slow drift of the machine's speed cancels (faster swings on a shared machine do not:
+# run it several times). Needs opencv-python-headless (a test/bench dependency only). The last line is
 #   regions_ms=<median> opencv_ms=<median> speedup=<median over block pairs of opencv / ours>
 
 import argparse
@@ -108,8 +108,8 @@ def main(argv=None):
     same = sum(int((run['ours'](m) == run['opencv'](m)).all(dim=(1, 2)).sum()) for m in maps)   # untimed
     times = {name: [ms for block in blocks for ms in block[name]] for name in run}
     med = {name: statistics.median(t) for name, t in times.items()}
-    # the speedup compares each block with its neighbour in time, so that the machine's drift over the run (a
-    # shared machine's speed can move by a third within a minute) cancels; the ratio of the medians is shown too
+    # the speedup compares each block with its neighbour in time, so that slow drift over the run (a shared
+    # machine's speed can move by a third within a minute) cancels; the ratio of the medians is shown too
     ratios = [statistics.median(b['opencv']) / statistics.median(b['ours']) for b in blocks]
     speedup = statistics.median(ratios)
     total = args.batch_size * args.repeats
