@@ -374,6 +374,20 @@ def test_empty_batch_gives_empty_regions():
     assert select_regions(torch.rand(0, 196), (14, 14), num_regions=5, min_area=0.15).shape == (0, 5, 196)
 
 
+@pytest.mark.parametrize('grid, num_regions, min_area', [((14, 14), 5, 0.15), ((16, 16), 3, 0.), ((1, 20), 7, 0.02)])
+def test_select_regions_off_the_cpu_reads_nothing_from_the_device(grid, num_regions, min_area):
+    """Off the CPU, select_regions never synchronises with the host. On the meta device every read of a value
+    fails (item, torch.equal, nonzero, tolist, ...), so running there exercises the non-CPU path and proves it
+    reads none."""
+    probe = torch.zeros(3, device='meta')
+    for read in (lambda: probe.sum().item(), lambda: torch.equal(probe, probe), lambda: probe.nonzero()):
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            read()
+    N = grid[0] * grid[1]
+    out = select_regions(torch.randn(4, N, device='meta'), grid, num_regions, min_area)
+    assert out.device.type == 'meta' and out.dtype == torch.bool and out.shape == (4, num_regions, N)
+
+
 def test_more_regions_than_a_byte_counts():
     """Region numbers past 255 (num_regions 300 on noise: many small components) stay disjoint and covering."""
     grid = (24, 24)
