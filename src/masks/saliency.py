@@ -111,7 +111,7 @@ def _component_ids(background, grid_size, max_rounds=None):
     current = 0
     for r in range(N if max_rounds is None else max_rounds):
         left, centre, right, out = steps[current]
-        # (in-place methods: less call overhead than out=, which matters at ~1 us of work per op)
+        # (in-place methods: about 0.5 us less call overhead per op than out=)
         torch.minimum(left, centre, out=row).clamp_max_(right)
         torch.minimum(up, middle, out=out).clamp_max_(down).clamp_min_(pinned)    # 3x3 minimum, then the pins
         current = 1 - current
