@@ -33,14 +33,18 @@ def normalise_saliency(saliency):
     return (saliency - lo).div_(hi - lo + 1e-6)
 
 
+def bin_counts(index, size, dtype=torch.int32):
+    """Per row, how many entries of index [B, N] fall in each bin 0..size-1: [B, size] of `dtype`."""
+    B, N = index.shape
+    ones = torch.ones(1, 1, dtype=dtype, device=index.device).expand(B, N)
+    return torch.zeros(B, size, dtype=dtype, device=index.device).scatter_add_(1, index, ones)
+
+
 def count_and_sum(index, values, size):
     """Per row, how many entries fall in each bin (int32 [B, size]) and the sum of their `values` (float64
     [B, size]), from index [B, N] (bins 0..size-1) and values [B, N]."""
-    B, N = index.shape
-    ones = torch.ones(1, 1, dtype=torch.int32, device=index.device).expand(B, N)
-    count = torch.zeros(B, size, dtype=torch.int32, device=index.device).scatter_add_(1, index, ones)
-    total = torch.zeros(B, size, dtype=torch.float64, device=index.device).scatter_add_(1, index, values.double())
-    return count, total
+    total = torch.zeros(index.shape[0], size, dtype=torch.float64, device=index.device)
+    return bin_counts(index, size), total.scatter_add_(1, index, values.double())
 
 
 def otsu_threshold(u):
@@ -52,10 +56,9 @@ def otsu_threshold(u):
     N^2 * sigma = (M * n1 - N * M1)^2 / (n1 * n2), with the numerator exact, so that mathematically equal variances
     compare equal (OpenCV's floating-point recurrence, and its IPP path, can break such exact ties either way).
     """
-    B, N = u.shape
+    N = u.shape[1]
     dtype = torch.int32 if 255 * N * N < 2 ** 31 else torch.int64           # M * n1 <= 255 * N^2 must fit
-    ones = torch.ones(1, 1, dtype=dtype, device=u.device).expand(B, N)
-    count = torch.zeros(B, 256, dtype=dtype, device=u.device).scatter_add_(1, u.long(), ones)   # histogram
+    count = bin_counts(u.long(), 256, dtype)                               # histogram
     n1 = count.cumsum(dim=1, dtype=dtype)                                  # pixels with u <= t
     m1 = count.mul_(torch.arange(256, dtype=dtype, device=u.device)).cumsum_(dim=1)   # and the sum of their levels
     diff = torch.mul(n1, m1[:, -1:]).sub_(m1, alpha=N).double()            # exact integers; 0 where a class is empty
