@@ -388,6 +388,18 @@ def test_select_regions_off_the_cpu_reads_nothing_from_the_device(grid, num_regi
     assert out.device.type == 'meta' and out.dtype == torch.bool and out.shape == (4, num_regions, N)
 
 
+def test_regions_are_an_ordinary_tensor_for_the_caller():
+    """select_regions computes in inference mode but hands back an ordinary tensor: the caller can modify it in
+    place and use it in ops that autograd records (both fail on an inference tensor outside inference mode)."""
+    grid = (6, 6)
+    regions = select_regions(torch.randn(2, 36, generator=torch.Generator().manual_seed(0)), grid, 3, 0.)
+    assert not regions.is_inference()
+    x = torch.randn(2, 3, 36, requires_grad=True)
+    (x * regions).sum().backward()                                       # regions saved for backward
+    assert torch.equal(x.grad, regions.float())
+    regions[:, 0] = False                                                  # in place
+
+
 def test_more_regions_than_a_byte_counts():
     """Region numbers past 255 (num_regions 300 on noise: many small components) stay disjoint and covering."""
     grid = (24, 24)
