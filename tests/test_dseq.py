@@ -339,16 +339,26 @@ def four_regions(B=2, seed=0):
     return regions
 
 
-def test_chained_later_steps_see_earlier_predictions_with_gradient():
+def patch_0_in_a_padded_target():
+    """bool [2, 4, N]: image 0's first target (R_2) holds patch 0 and is shorter than image 1's, so its packed row
+    is padded."""
+    label = torch.tensor([[1, 1, 2, 2, 2, 2, 3, 3] + [0] * 8,
+                          [1, 1, 1, 1, 1, 1, 2, 3] + [0] * 8])
+    return label.unsqueeze(1) == torch.arange(4).view(1, 4, 1)
+
+
+@pytest.mark.parametrize('static', [False, True], ids=['dynamic', 'static'])
+@pytest.mark.parametrize('make_regions', [four_regions, patch_0_in_a_padded_target], ids=['random', 'patch_0'])
+def test_chained_later_steps_see_earlier_predictions_with_gradient(make_regions, static):
     encoder, predictor = tiny_models(True)
     imgs = torch.randn(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))
-    regions = four_regions()
+    regions = make_regions()
     context, target = plan_steps(regions, 'chained')                         # (2, 3, N)
     rec = RecordingPredictor(predictor)
-    preds, ids, valid, image_index = predict_chained(encoder, rec, imgs, context, target)
+    preds, ids, valid, image_index = predict_chained(encoder, rec, imgs, context, target, static=static)
     B, S = 2, 3
     assert len(rec.outputs) == S and image_index.tolist() == [0, 1] * S
-    L = int(regions[:, 0].sum(dim=1).max())
+    L = N if static else int(regions[:, 0].sum(dim=1).max())
     # step k's input = the context encodings, then the predictions of steps < k at their positions (raster order)
     for k in range(1, S):
         for b in range(B):
@@ -367,7 +377,7 @@ def test_chained_later_steps_see_earlier_predictions_with_gradient():
         grads = torch.autograd.grad(later, rec.outputs[:k], retain_graph=True)
         assert all(gr.abs().sum() > 0 for gr in grads), k
     # the first chained step predicts what a flat step with the same context predicts
-    flat = predict_pairs(encoder, predictor, imgs, *plan_steps(regions, 'flat'))[0]    # rows (image, step)
+    flat = predict_pairs(encoder, predictor, imgs, *plan_steps(regions, 'flat'), static=static)[0]  # (image, step)
     for b in range(B):
         n = int(target[b, 0].sum())
         assert torch.allclose(preds[b, :n], flat[b * S, :n], atol=1e-5)

@@ -178,11 +178,11 @@ def predict_chained(encoder, predictor, imgs, context_mask, target_mask, static=
             x, x_ids, x_valid = z, ctx_ids, ctx_valid
         preds = predictor(x, [x_ids], [tgt_ids], context_valid=x_valid, target_valid=tgt_valid)  # (B, T, D)
         outputs.append((preds, tgt_ids, tgt_valid & first.any(dim=1, keepdim=True)))
-        # -- write this step's predictions onto the canvas (differentiably) for the later steps
-        scatter_ids = tgt_ids.masked_fill(~tgt_valid, 0)
-        write = torch.zeros_like(canvas).scatter(1, scatter_ids.unsqueeze(-1).expand(-1, -1, D),
-                                                 preds * tgt_valid.unsqueeze(-1))
-        written = torch.zeros_like(predicted).scatter(1, scatter_ids, tgt_valid)
+        # -- write this step's predictions onto the canvas (differentiably) for the later steps. A row of tgt_ids
+        # holds distinct positions (pack pads with positions outside the target), so each is written once, and
+        # `written` is False at the padding
+        write = torch.zeros_like(canvas).scatter(1, tgt_ids.unsqueeze(-1).expand(-1, -1, D), preds)
+        written = torch.zeros_like(predicted).scatter(1, tgt_ids, tgt_valid)
         canvas = torch.where(written.unsqueeze(-1), write, canvas)
         predicted = predicted | written
     T = max(p.shape[1] for p, _, _ in outputs)
