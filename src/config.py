@@ -110,7 +110,7 @@ class DSeqConfig:
     nms_iou: float = 0.5                 # blocks: greedy non-maximum suppression threshold
     prediction: str = 'sequential'       # sequential (paper Eq. 5) | chained | flat
     order: str = 'descending'            # descending (paper) | ascending | random | spatial
-    truncate_regions: Optional[int] = None   # keep only the first k regions of the sequence (top-k)
+    truncate_regions: Optional[int] = None   # keep only each image's first k non-empty regions (top-k)
     lambda_start: float = 0.0            # curriculum: probability of keeping a salient region, rising linearly
     lambda_end: float = 1.0
     curriculum: str = 'per_region'       # per_region (paper Alg. 1) | per_iteration (official code)

@@ -17,7 +17,7 @@ from src.config import parse_config
 from src.helper import init_model
 from src.masks.saliency import random_boxes, select_regions
 from src.models.predictor import pack, plan_steps, predict_chained, predict_pairs
-from src.objectives.dseq import DSeqJEPA, apply_curriculum, make_dseq_collator, order_slots
+from src.objectives.dseq import DSeqJEPA, apply_curriculum, make_dseq_collator, order_slots, truncate_sequence
 from src.train import main as train_main
 from tests.helpers import read_csv, tiny_params, train_straight_and_resumed
 
@@ -310,6 +310,29 @@ def test_packed_drop_path_drops_whole_rows():
             assert len(values) == 1 and values.item() in (0., 2.)        # all dropped or all kept (scaled 1/0.5)
     rows_kept = torch.stack([torch.stack([x[packing.rows == r][0, 0] > 0 for r in range(3)]) for x in dropped])
     assert 0 < rows_kept.float().mean() < 1                                 # both happen
+
+
+@pytest.mark.parametrize('k', [2, 3, 5])
+def test_truncation_keeps_each_images_first_k_non_empty_regions(k):
+    """Top-k truncation counts the regions an image has, not slots: the curriculum's regions (with empty slots
+    where an image has few salient components) against a per-image reference."""
+    salient, boxes, keep = random_salient_and_boxes(64, (8, 8), num_regions=5, seed=2)
+    keep[:32] = True                                      # lambda 1 on half the batch: empty slots stay empty
+    regions, _ = apply_curriculum(salient, boxes, keep)
+    assert (~regions.any(dim=2)).any()                    # some slot is empty
+    out = truncate_sequence(regions, k)
+    assert out.shape == (64, k, regions.shape[2])
+    for b in range(64):
+        kept = [r for r in regions[b] if r.any()][:k]
+        expected = torch.zeros(k, regions.shape[2], dtype=torch.bool)
+        if kept:
+            expected[:len(kept)] = torch.stack(kept)
+        assert torch.equal(out[b], expected), b
+    # an image with one salient region and the background keeps a prediction step at every k
+    single = (regions.any(dim=2).sum(dim=1) == 2).nonzero().flatten()
+    assert len(single) > 0
+    context, target = plan_steps(out[single], 'sequential')
+    assert (context.any(dim=2) & target.any(dim=2)).any(dim=1).all()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from src.helper import unwrap
 from src.utils.logging import Elapsed
 from src.masks.saliency import DSeqCollator, cls_similarity_saliency, normalise_saliency, select_regions
 from src.models.predictor import gather_tokens, plan_steps, predict_chained, predict_pairs
+from src.utils.tensors import true_first
 
 
 def default_saliency_block(depth):
@@ -52,6 +53,16 @@ def order_slots(salient, order, noise):
     key = torch.where(salient.any(dim=2), key, torch.full_like(key, float('inf')))
     perm = torch.sort(key, dim=1, stable=True).indices                     # (B, K)
     return salient.gather(1, perm.unsqueeze(-1).expand(-1, -1, N))
+
+
+def truncate_sequence(regions, k):
+    """Top-k truncation (order ablation "truncating top-3"): each image's first k non-empty regions, in sequence
+    order, [B, k, N]. Empty slots are not counted, so an image with fewer than k non-empty regions keeps them all,
+    the background included; cutting slots instead would leave an image whose later salient slots are empty (one
+    salient component: [R_1, empty, empty]) with no prediction step, which late in the curriculum is most
+    images."""
+    ids = true_first(regions.any(dim=2), k)                                # (B, k) slots, non-empty first
+    return regions.gather(1, ids.unsqueeze(-1).expand(-1, -1, regions.shape[2]))
 
 
 def apply_curriculum(salient, boxes, keep, fill_first=True):
@@ -206,8 +217,8 @@ class DSeqJEPA:
             timer = Elapsed(imgs.device)                                    # region selection (+ curriculum)
             regions, use_box, salient = self.make_regions(saliency, draws)
             timer.stop()
-            if self.cfg.truncate_regions:     # top-k truncation: R_1..R_k only, the rest is never predicted
-                regions = regions[:, :self.cfg.truncate_regions]
+            if self.cfg.truncate_regions:     # top-k truncation: the first k non-empty regions only
+                regions = truncate_sequence(regions, self.cfg.truncate_regions)
             context_mask, target_mask = plan_steps(regions, self.cfg.prediction)
         predict = predict_chained if self.cfg.prediction == 'chained' else predict_pairs
         preds, tgt_ids, tgt_valid, image_index = predict(self.encoder, self.predictor, imgs, context_mask,
