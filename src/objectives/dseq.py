@@ -59,7 +59,7 @@ def truncate_sequence(regions, k):
     """Top-k truncation (order ablation "truncating top-3"): each image's first k non-empty regions, in sequence
     order, [B, k, N]. Empty slots are not counted, so an image with fewer than k non-empty regions keeps them all,
     the background included; cutting slots instead would leave an image whose later salient slots are empty (one
-    salient component: [R_1, empty, empty]) with no prediction step, which late in the curriculum is most
+    salient component: [R_1, empty, empty]) with no prediction step, late in the curriculum possibly most
     images."""
     ids = true_first(regions.any(dim=2), k)                                # (B, k) slots, non-empty first
     return regions.gather(1, ids.unsqueeze(-1).expand(-1, -1, regions.shape[2]))
