@@ -62,7 +62,7 @@ def load_checkpoint(
             logger.info(f'loaded {name} from epoch {epoch} with msg: {msg}')
         if opt is not None:
             opt.load_state_dict(checkpoint['opt'])
-        if scaler is not None and checkpoint.get('scaler') is not None:
+        if scaler is not None and checkpoint.get('scaler'):     # a disabled scaler saves {}: nothing to load
             scaler.load_state_dict(checkpoint['scaler'])
     except (KeyError, RuntimeError, ValueError) as e:
         raise RuntimeError(f'cannot resume from {r_path}: {e}') from e
@@ -148,15 +148,15 @@ def init_opt(
 ):
     """AdamW over ijepa's parameter groups with ijepa's LR and weight-decay schedules.
 
-    Returns (optimizer, scaler, scheduler, wd_scheduler); `scaler` is a GradScaler when use_bfloat16 on CUDA
-    (as in ijepa), else None.
+    Returns (optimizer, scaler, scheduler, wd_scheduler); `scaler` is a GradScaler when use_bfloat16 (as in
+    ijepa; disabled without CUDA, where it passes the loss and the step through), else None.
     """
     optimizer = torch.optim.AdamW(param_groups(encoder, predictor))
     total = int(ipe_scale * num_epochs * iterations_per_epoch)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=int(warmup * iterations_per_epoch),
                                      start_lr=start_lr, ref_lr=ref_lr, final_lr=final_lr, T_max=total)
     wd_scheduler = CosineWDSchedule(optimizer, ref_wd=wd, final_wd=final_wd, T_max=total)
-    scaler = torch.amp.GradScaler('cuda') if use_bfloat16 and torch.cuda.is_available() else None
+    scaler = torch.amp.GradScaler('cuda', enabled=torch.cuda.is_available()) if use_bfloat16 else None
     return optimizer, scaler, scheduler, wd_scheduler
 
 

@@ -19,7 +19,7 @@ from src.helper import init_model, init_opt, load_checkpoint, save_checkpoint, u
 from src.masks.utils import seed_from
 from src.objectives import make_objective, objective_class
 from src.transforms import make_transforms
-from src.utils.distributed import init_distributed
+from src.utils.distributed import AllReduce, init_distributed
 from src.utils.logging import CSVLogger, StepTimer, grad_logger
 from src.utils.schedulers import cosine_wd, linear_momentum, warmup_cosine_lr
 
@@ -113,7 +113,7 @@ class TrainStep:
             loss, stats = self.objective(batch, step)
 
         # -- backward and step
-        if self.scaler is not None:
+        if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -224,14 +224,17 @@ def main(args, resume_preempt=False, device=None):
     timer = StepTimer(device)
     pending = []          # per-step (epoch, itr, loss tensor, stats) not yet written: no host sync in the step
     last_finite = {'loss': float('nan'), 'step': -1}
+    epoch_loss = {'epoch': None, 'sum': 0., 'count': 0}   # ijepa's loss_meter: mean over the epoch's steps
     recent_ms = []
 
     def flush_logs():
-        """Write pending CSV rows (one host sync); stop on a non-finite loss before anything is saved."""
+        """Write pending CSV rows (one host sync); stop on a non-finite loss before anything is saved. Every rank
+        flushes at the same steps: the losses are averaged over the ranks (as ijepa logs them), so the CSVs and
+        the non-finite check agree on every rank."""
         if not pending:
             return None
         times = timer.flush()
-        losses = torch.stack([p[2] for p in pending]).float().cpu().tolist()
+        losses = AllReduce.apply(torch.stack([p[2] for p in pending]).float()).cpu().tolist()
         rows = []
         for (ep, itr, _, stats, lr, wd, s), loss, ms in zip(pending, losses, times):
             if not math.isfinite(loss):
@@ -241,6 +244,10 @@ def main(args, resume_preempt=False, device=None):
                     f'{last_finite["loss"]:.5f} at step {last_finite["step"]}; the last good checkpoint '
                     f'({latest_path}) was left untouched')
             last_finite.update(loss=loss, step=s)
+            if epoch_loss['epoch'] != ep:
+                epoch_loss.update(epoch=ep, sum=0., count=0)
+            epoch_loss['sum'] += loss
+            epoch_loss['count'] += 1
             rows.append((ep, itr, loss, float(stats['mask-A']), float(stats['mask-B']), ms, lr, wd,
                          *[float(stats[c]) for c in objective.csv_columns]))
         csv_logger.log_rows(rows)
@@ -248,6 +255,9 @@ def main(args, resume_preempt=False, device=None):
         del recent_ms[:-50]
         pending.clear()
         return rows
+
+    def epoch_mean_loss():
+        return epoch_loss['sum'] / epoch_loss['count'] if epoch_loss['count'] else float('nan')
 
     saved = {'step': None}
 
@@ -263,7 +273,7 @@ def main(args, resume_preempt=False, device=None):
             'opt': optimizer.state_dict(),
             'scaler': None if scaler is None else scaler.state_dict(),
             'epoch': step // ipe,
-            'loss': last_finite['loss'],
+            'loss': epoch_mean_loss(),          # as ijepa's: mean over the epoch's steps (since start or resume)
             'batch_size': data.batch_size,
             'world_size': world_size,
             'lr': opt_cfg.lr,
@@ -305,7 +315,7 @@ def main(args, resume_preempt=False, device=None):
                 break
         if step % ipe == 0 or step >= last_step:
             checkpoint(step, epoch_done=(step % ipe == 0))
-            logger.info(f'epoch {epoch + 1} done at step {step}: loss {last_finite["loss"]:.4f}; '
+            logger.info(f'epoch {epoch + 1} done at step {step}: avg. loss {epoch_mean_loss():.4f}; '
                         f'checkpoint {latest_path}')
     logger.info(f'training finished at step {step}; log: {log_file}; checkpoint: {latest_path}')
     evaluation = None

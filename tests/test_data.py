@@ -129,3 +129,22 @@ def test_loader_is_seeded_per_sample_whatever_the_workers():
     # and the next epoch differs (new order and crops)
     loader = TrainLoader(ds, 4, torch.utils.data.default_collate, seed=3)
     assert not torch.equal(a[0], next(loader.epoch(2))[0])
+
+
+def test_sampler_set_epoch_alone_changes_the_crops():
+    """ijepa's loop only calls `sampler.set_epoch(epoch)` on what make_imagenet1k returns, then iterates the
+    DataLoader: that must give the same batches as our loop's `epoch(e)`, new crops included."""
+    from src.datasets.loader import TrainLoader
+    from src.datasets.synthetic import SyntheticImages
+    ds = SyntheticImages(num_images=16, image_size=24, transform=make_transforms(crop_size=16))
+
+    def ours(epoch):
+        return [b[0] for b in TrainLoader(ds, 4, torch.utils.data.default_collate, seed=3).epoch(epoch)]
+
+    def ijepa_style(epoch):
+        loader = TrainLoader(ds, 4, torch.utils.data.default_collate, seed=3)
+        loader.sampler.set_epoch(epoch)
+        return [b[0] for b in loader.loader]
+
+    for epoch in (0, 1):
+        assert all(torch.equal(x, y) for x, y in zip(ours(epoch), ijepa_style(epoch)))

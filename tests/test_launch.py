@@ -40,10 +40,16 @@ def assert_two_ranks_trained(folder, steps=4):
     assert_same_weights(r0, r1)
     assert r0['world_size'] == r1['world_size'] == 2
     assert r0['step'] == r1['step'] == steps
+    losses = []
     for rank in (0, 1):
         header, rows = read_csv(folder / f'jepa_r{rank}.csv')
         assert header[:6] == IJEPA_COLUMNS
         assert [int(r['itr']) for r in rows] == list(range(steps))
+        losses.append([float(r['loss']) for r in rows])
+    # the logged loss is the mean over the ranks (as ijepa logs it): the same in both CSVs, though the ranks
+    # trained on different images; the checkpoint's is its mean over the epoch's steps
+    assert losses[0] == losses[1]
+    assert r0['loss'] == pytest.approx(sum(losses[0]) / steps, abs=1e-4)
     return r0
 
 

@@ -30,6 +30,9 @@ def test_checkpoint_and_csv_follow_ijepa(tmp_path):
     assert header[:6] == ['epoch', 'itr', 'loss', 'mask-A', 'mask-B', 'time (ms)']
     assert [int(r['itr']) for r in rows] == [0, 1, 2, 3, 4]
     assert all(math.isfinite(float(r['loss'])) for r in rows)
+    # as ijepa's loss_meter.avg: the mean over the epoch's steps (all 5 are in epoch 1), not the last step's
+    assert ckpt['loss'] == pytest.approx(sum(float(r['loss']) for r in rows) / 5, abs=1e-4)
+    assert ckpt['loss'] != pytest.approx(float(rows[-1]['loss']), abs=1e-4)
     assert (tmp_path / 'params-jepa.yaml').exists()
 
 
@@ -114,3 +117,35 @@ def test_schedules_match_reference_and_objects():
         assert sched.momentum(t) == pytest.approx(0.99 + t * 0.01 / 30)
     assert sched.lr(9) == pytest.approx(1e-3)                  # end of warmup reaches the peak
     assert sched.wd(29) == pytest.approx(0.4)                  # weight decay rises to its final value
+
+
+def test_momentum_stays_at_its_final_value_when_training_outlasts_the_schedule():
+    """With ipe_scale < 1 the momentum schedule ends before training does: it then stays at ema[1] (moving
+    past 1 would push the target encoder away from the online one)."""
+    from src.config import parse_config
+    from src.train import Schedules
+    cfg = parse_config({'optimization': {'epochs': 4, 'ipe_scale': 0.5, 'ema': [0.99, 1.0]},
+                        'data': {'dataset': 'synthetic'}})
+    sched = Schedules(cfg, 10)                                  # 40 steps, momentum schedule over 20
+    assert sched.momentum(10) == pytest.approx(0.995)
+    assert [sched.momentum(t) for t in (20, 21, 39)] == [1.0, 1.0, 1.0]
+
+
+def test_bfloat16_without_cuda_gets_a_disabled_scaler_and_resumes_on_an_enabled_one(tmp_path):
+    """As ijepa's init_opt, use_bfloat16 gives a GradScaler even without CUDA (disabled: it passes the loss and the
+    step through), and a checkpoint that saved its empty state loads where a scaler is enabled."""
+    from src.helper import init_model, init_opt, load_checkpoint, save_checkpoint
+    encoder, predictor = init_model('cpu', patch_size=8, model_name='vit_pico', crop_size=32, pred_depth=1,
+                                    pred_emb_dim=16)
+    optimizer, scaler, _, _ = init_opt(encoder, predictor, iterations_per_epoch=2, start_lr=1e-4, ref_lr=1e-3,
+                                       warmup=1, num_epochs=1, use_bfloat16=True)
+    assert scaler is not None and not scaler.is_enabled()
+    loss = torch.tensor(2.5)
+    assert scaler.scale(loss) is loss
+    path = tmp_path / 'ckpt.pth.tar'
+    save_checkpoint(path, {'encoder': encoder.state_dict(), 'predictor': predictor.state_dict(),
+                           'target_encoder': encoder.state_dict(), 'opt': optimizer.state_dict(),
+                           'scaler': scaler.state_dict(), 'epoch': 1})
+    enabled = torch.amp.GradScaler('cpu', init_scale=8.)
+    load_checkpoint('cpu', path, encoder, predictor, encoder, optimizer, enabled)
+    assert enabled.get_scale() == 8.                            # nothing to load: its own state is kept

@@ -24,7 +24,11 @@ class ResumableDistributedSampler(DistributedSampler):
         self.skip = 0
 
     def set_epoch(self, epoch, start_batch=0, batch_size=1):
+        """Also sets the epoch of the dataset it samples (a SeededDataset), so that a loop that only calls
+        `sampler.set_epoch(epoch)`, as ijepa's does, gets new crops every epoch."""
         super().set_epoch(epoch)
+        if hasattr(self.dataset, 'set_epoch'):
+            self.dataset.set_epoch(epoch)
         self.skip = start_batch * batch_size
 
     def __iter__(self):
@@ -82,8 +86,7 @@ class TrainLoader:
 
     def epoch(self, epoch, start_batch=0, global_step=0):
         """Iterator over the batches of `epoch` from `start_batch` on; the first one is step `global_step`."""
-        self.sampler.set_epoch(epoch, start_batch, self.batch_size)
-        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start_batch, self.batch_size)      # and the dataset's (the crops)
         if hasattr(self.collator, 'set_step'):
             self.collator.set_step(global_step)
         return iter(self.loader)

@@ -24,8 +24,9 @@ def cosine_wd(step, ref_wd, T_max, final_wd=0.):
 
 
 def linear_momentum(step, ema, total_steps):
-    """EMA momentum rising linearly from ema[0] (step 0) to ema[1] (step total_steps)."""
-    return ema[0] + step * (ema[1] - ema[0]) / total_steps
+    """EMA momentum rising linearly from ema[0] (step 0) to ema[1] (step total_steps), then staying there (with
+    ipe_scale < 1 training outlasts total_steps: ijepa's momentum generator runs out there and stops the run)."""
+    return ema[0] + min(step, total_steps) * (ema[1] - ema[0]) / total_steps
 
 
 class WarmupCosineSchedule(object):
