@@ -68,9 +68,11 @@ def process_main(rank, fname, world_size, devices, port, overrides=()):
     params = load_params(fname, overrides)
     if rank == 0:
         logger.info('loaded params...\n' + pprint.pformat(params, indent=4))
+    # this launcher decides rank and world size: variables inherited from SLURM or torchrun must not (a single
+    # process would wait for ranks that never come)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     if world_size > 1:
-        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
-                          RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     from src.train import main as app_main
     from src.utils.distributed import init_distributed
     world_size, rank = init_distributed(rank_and_world_size=(rank, world_size))

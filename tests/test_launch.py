@@ -14,10 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IJEPA_COLUMNS = ['epoch', 'itr', 'loss', 'mask-A', 'mask-B', 'time (ms)']
 
 
-def run(script, *args, timeout=120):
+def run(script, *args, timeout=120, env_extra=None):
     """Run a launcher of this repository as a user would (from the repository, a fresh interpreter)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -87,6 +88,18 @@ def test_main_two_cpu_processes_train_dseq_with_ddp(tmp_path, prediction):
     proc = run('main.py', '--fname', fname, '--devices', 'cpu', 'cpu')
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_two_ranks_trained(out)
+
+
+@pytest.mark.timeout(90)
+def test_main_single_process_ignores_inherited_cluster_variables(tmp_path):
+    """Inside a SLURM job step of 2 tasks or a torchrun shell, `main.py --devices cpu` is still one process: it
+    must not wait for a second rank."""
+    out = tmp_path / 'out'
+    fname = write_config(tmp_path / 'cfg.yaml', tiny_params(out, **{'optimization.max_steps': 2}))
+    proc = run('main.py', '--fname', fname, '--devices', 'cpu', timeout=80, env_extra={
+        'SLURM_NTASKS': '2', 'SLURM_PROCID': '0', 'RANK': '0', 'WORLD_SIZE': '2'})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert load(out / 'jepa-latest.pth.tar')['world_size'] == 1
 
 
 @pytest.mark.timeout(90)
