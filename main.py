@@ -3,7 +3,7 @@
 #   python main.py --fname configs/in1k_vith14_ep300.yaml --devices cuda:0 cuda:1
 #   python main.py --fname configs/demo/fmnist_vitnano_dseq.yaml --devices cpu --set meta.seed=1 logging.folder=logs/s1
 # Several devices use torch.distributed (gloo on CPU, NCCL on CUDA) on a free local port; an error in any process
-# stops the others and makes the exit code non-zero.
+# stops the others and makes the exit code non-zero, and the processes end with the launcher (e.g. on SIGTERM).
 
 import argparse
 import logging
@@ -52,7 +52,22 @@ def load_params(fname, overrides=()):
     return params
 
 
-def process_main(rank, fname, world_size, devices, port, overrides=()):
+def die_with(launcher_pid):
+    """Linux: this process gets SIGTERM when the launcher ends, however it ends (SIGTERM, SIGKILL, a crash), so
+    that no rank trains on unsupervised. Ctrl-C reaches every process of the group anyway."""
+    if not sys.platform.startswith('linux'):
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher_pid:     # the launcher ended before the line above
+        os._exit(1)
+
+
+def process_main(rank, fname, world_size, devices, port, overrides=(), launcher_pid=None):
+    if launcher_pid is not None:
+        die_with(launcher_pid)
     device = devices[rank]
     if device.startswith('cuda'):
         # one visible GPU per process, as in ijepa
@@ -95,7 +110,7 @@ def main(argv=None):
         process_main(0, args.fname, 1, devices, None, args.set)
         return 0
     import torch.multiprocessing as mp
-    mp.start_processes(process_main, args=(args.fname, len(devices), devices, free_port(), args.set),
+    mp.start_processes(process_main, args=(args.fname, len(devices), devices, free_port(), args.set, os.getpid()),
                        nprocs=len(devices), join=True, start_method='spawn')
     return 0
 

@@ -102,6 +102,65 @@ def test_main_single_process_ignores_inherited_cluster_variables(tmp_path):
     assert load(out / 'jepa-latest.pth.tar')['world_size'] == 1
 
 
+def children(pid):
+    """Pids of the live (not zombie) processes whose parent is `pid`, from /proc."""
+    found = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()      # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError, ValueError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid and fields[0] != 'Z':
+            found.append(int(entry))
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+@pytest.mark.timeout(120)
+def test_main_processes_end_with_the_launcher(tmp_path):
+    """SIGTERM to the launcher of a background run (`kill`, a scheduler) ends its training processes too: none goes on
+    training unsupervised into the same folder."""
+    import signal
+    out = tmp_path / 'out'
+    fname = write_config(tmp_path / 'cfg.yaml', ddp_params(out, **{'optimization.epochs': 1000,
+                                                                    'optimization.max_steps': None}))
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    # started as a shell starts a background job (`main.py ... &`, nohup): SIGINT ignored, which its processes
+    # inherit, so torch's forwarding of the launcher's SIGTERM to them as SIGINT does not stop them
+    launcher = subprocess.Popen([sys.executable, os.path.join(REPO, 'main.py'), '--fname', fname, '--devices',
+                                 'cpu', 'cpu'], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    ranks = []
+    try:
+        deadline = time.time() + 90
+        while not all((out / f'jepa_r{r}.csv').exists() for r in (0, 1)):   # both ranks are training
+            assert launcher.poll() is None and time.time() < deadline, 'the run did not start'
+            time.sleep(0.5)
+        ranks = children(launcher.pid)
+        assert len(ranks) >= 2
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=30)
+        deadline = time.time() + 20
+        while any(alive(p) for p in ranks) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in ranks), 'training processes outlived the launcher'
+    finally:
+        launcher.kill()
+        for p in ranks + children(launcher.pid):
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
 @pytest.mark.timeout(90)
 def test_main_error_in_a_process_stops_the_run(tmp_path):
     fname = missing_dataset_config(tmp_path)
