@@ -41,10 +41,11 @@ def apply_overrides(params, overrides):
 
 def load_params(fname, overrides=()):
     from src.config import ConfigError, parse_config
+    from src.train import preflight
     try:
         with open(fname, 'r') as y_file:
             params = apply_overrides(yaml.safe_load(y_file), overrides)
-        parse_config(params)               # validate before any process starts
+        preflight(parse_config(params))    # keys, types, mask settings, data: before any process starts
     except FileNotFoundError:
         raise SystemExit(f'error: config file not found: {fname}')
     except ConfigError as e:

@@ -150,14 +150,25 @@ def config_fnames(args):
 
 
 def validate(fnames):
-    """Load every config as the job will (unknown keys, types, ...): errors name the file and the key."""
+    """Load every config as the job will (unknown keys, types, mask settings): errors name the file and the key.
+    A data set missing here only warns: it may exist on the cluster's nodes alone."""
     sys.path.insert(0, CODE_DIR)
     from src.config import ConfigError, load_config
+    from src.datasets import missing_data
+    from src.train import preflight
     for fname in fnames:
         try:
-            load_config(fname)
+            cfg = load_config(fname)
         except ConfigError as e:
             raise SystemExit(f'error: {e}')
+        try:
+            preflight(cfg, check_data=False)
+        except ConfigError as e:
+            raise SystemExit(f'error: {fname}: {e}')
+        problem = missing_data(cfg.data)
+        if problem:
+            print(f'warning: {fname}: {problem}, on this machine; the job fails unless the nodes have it',
+                  file=sys.stderr)
 
 
 def make_executor(args):

@@ -12,7 +12,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from src.config import Config, dump_config, parse_config
+from src.config import Config, ConfigError, dump_config, parse_config
 from src.datasets import make_dataset
 from src.datasets.loader import TrainLoader
 from src.helper import init_model, init_opt, load_checkpoint, save_checkpoint, unwrap
@@ -140,6 +140,21 @@ def _trim_csv(path, keep_steps, ipe):
     if len(kept) != len(lines):
         with open(path, 'w') as f:
             f.writelines(kept)
+
+
+def preflight(cfg, check_data=True):
+    """The start-up checks beyond the config's keys and types (SPEC section 7), for a launcher to run before it
+    starts processes or submits jobs: the masks can be drawn (the collator's own checks of the mask settings) and,
+    with `check_data`, the data set is where `data.root_path` says. Raises ConfigError."""
+    from src.datasets import missing_data
+    from src.masks.multiblock import MaskSettingsError
+    try:
+        objective_class(cfg).make_collator(cfg)
+    except MaskSettingsError as e:
+        raise ConfigError(str(e)) from e
+    problem = missing_data(cfg.data) if check_data else None
+    if problem:
+        raise ConfigError(problem)
 
 
 def main(args, resume_preempt=False, device=None):

@@ -57,6 +57,20 @@ def test_missing_fashion_mnist_says_what_to_run(tmp_path):
         fm.prepare(str(tmp_path / 'empty'), debian_dir=str(tmp_path / 'no-debian'), download=False)
 
 
+def test_damaged_fashion_mnist_is_named_and_repaired_by_setup(tmp_path, debian_dir):
+    """A truncated IDX file (a setup killed mid-copy, a full disk) is reported with its name and the command to
+    run, and that command writes it again."""
+    root = tmp_path / 'data'
+    fm.prepare(str(root), debian_dir=str(debian_dir), download=False)
+    images = os.path.join(fm.raw_folder(str(root)), 'train-images-idx3-ubyte')
+    with open(images, 'r+b') as f:
+        f.truncate(os.path.getsize(images) - 100)
+    with pytest.raises(FileNotFoundError, match='train-images-idx3-ubyte: .*truncated.*python -m src.datasets'):
+        fm.FashionMNIST(str(root))
+    assert fm.prepare(str(root), debian_dir=str(debian_dir), download=False).startswith('decompressed')
+    assert len(fm.FashionMNIST(str(root))) == 12
+
+
 def test_setup_cli_reports_failure_with_exit_code(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fm, 'DEBIAN_DIR', str(tmp_path / 'no-debian'))
     assert fm.main(['--root', str(tmp_path / 'x'), '--no-download']) == 1

@@ -30,9 +30,21 @@ def ddp_params(folder, **overrides):
 
 
 def missing_dataset_config(tmp_path):
-    """A two-rank config whose image folder does not exist: every process fails when it builds its data."""
+    """A two-rank config whose image folder does not exist (main.py refuses it at start-up; submitted anyway by
+    main_distributed.py, whose submitting machine need not have the data, every task fails)."""
     params = ddp_params(tmp_path / 'out', **{'data.dataset': 'imagefolder',
                                              'data.root_path': str(tmp_path / 'missing')})
+    return write_config(tmp_path / 'cfg.yaml', params)
+
+
+def unreadable_images_config(tmp_path):
+    """A two-rank config whose images are not images: every process fails when it loads its first batch."""
+    folder = tmp_path / 'imgs' / 'class_a'
+    folder.mkdir(parents=True)
+    for i in range(40):
+        (folder / f'img{i}.png').write_bytes(b'not a png')
+    params = ddp_params(tmp_path / 'out', **{'data.dataset': 'imagefolder', 'data.root_path': str(tmp_path),
+                                             'data.image_folder': 'imgs'})
     return write_config(tmp_path / 'cfg.yaml', params)
 
 
@@ -163,10 +175,10 @@ def test_main_processes_end_with_the_launcher(tmp_path):
 
 @pytest.mark.timeout(90)
 def test_main_error_in_a_process_stops_the_run(tmp_path):
-    fname = missing_dataset_config(tmp_path)
+    fname = unreadable_images_config(tmp_path)
     proc = run('main.py', '--fname', fname, '--devices', 'cpu', 'cpu', timeout=80)
     assert proc.returncode != 0
-    assert 'missing' in proc.stderr, proc.stderr[-3000:]
+    assert 'cannot read image' in proc.stderr and 'img' in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.timeout(90)
@@ -187,6 +199,7 @@ def test_main_distributed_wait_reports_a_failed_job(tmp_path):
     proc = run('main_distributed.py', '--fname', fname, '--folder', tmp_path / 'submitit', '--cluster', 'local',
                '--tasks-per-node', 2, '--gpus-per-node', 0, '--time', 3, '--wait', timeout=55)
     assert proc.returncode != 0
+    assert 'warning' in proc.stderr and 'data.root_path' in proc.stderr     # said before submitting
     assert 'failed' in proc.stderr and 'image folder not found' in proc.stderr, proc.stderr[-3000:]
 
 
@@ -298,6 +311,24 @@ def test_misspelled_key_fails_at_start_up(tmp_path):
     assert proc.returncode != 0
     assert 'optimization.max_step' in proc.stderr and str(fname) in proc.stderr
     assert not logs.exists() and not (tmp_path / 'out2').exists()
+
+
+@pytest.mark.timeout(90)
+def test_impossible_masks_and_missing_data_fail_at_start_up(tmp_path):
+    """Mask settings no block can satisfy and a missing data set stop main.py before any process starts, naming
+    the key; main_distributed.py refuses the masks before submitting anything."""
+    impossible = write_config(tmp_path / 'masks.yaml', ddp_params(tmp_path / 'out', **{'mask.min_keep': 100}))
+    proc = run('main.py', '--fname', impossible, '--devices', 'cpu', 'cpu', timeout=50)
+    assert proc.returncode != 0 and 'min_keep' in proc.stderr, proc.stderr[-3000:]
+    assert 'Running' not in proc.stdout and not (tmp_path / 'out').exists()
+    proc = run('main.py', '--fname', missing_dataset_config(tmp_path), '--devices', 'cpu', timeout=50)
+    assert proc.returncode != 0 and 'data.root_path' in proc.stderr and 'Running' not in proc.stdout
+
+    logs = tmp_path / 'submitit'
+    proc = run('main_distributed.py', '--fname', impossible, '--folder', logs, '--cluster', 'local',
+               '--tasks-per-node', 2, '--gpus-per-node', 0, '--wait', timeout=50)
+    assert proc.returncode != 0 and 'min_keep' in proc.stderr and str(impossible) in proc.stderr
+    assert not logs.exists(), 'nothing should be submitted'
 
 
 @pytest.mark.timeout(90)

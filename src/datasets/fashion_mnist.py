@@ -6,8 +6,10 @@
 
 import argparse
 import gzip
+import math
 import os
 import shutil
+import struct
 import sys
 
 import torchvision
@@ -26,12 +28,44 @@ def setup_command(root):
             f'(offline, install the files first: apt-get install -y dataset-fashion-mnist)')
 
 
+def idx_problem(path):
+    """What is wrong with the IDX file `path` (missing, or not as long as its header says: truncated), or None.
+    IDX: two zero bytes, 0x08 (unsigned bytes), the number of dimensions, the dimensions as big-endian int32s,
+    then the data."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, 'rb') as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:3] != b'\x00\x00\x08':
+                return 'not an IDX file of bytes'
+            dims = struct.unpack(f'>{magic[3]}I', f.read(4 * magic[3]))
+    except FileNotFoundError:
+        return 'missing'
+    except (OSError, struct.error) as e:
+        return f'unreadable ({e})'
+    expected = 4 + 4 * len(dims) + math.prod(dims)
+    return None if size == expected else f'{size} bytes where its header says {expected} (truncated?)'
+
+
+def missing_files(root):
+    """Why ROOT/FashionMNIST/raw/ cannot be read (each bad file and what is wrong, and the command that repairs
+    it), or None."""
+    raw = raw_folder(root)
+    problems = [f'{f}: {p}' for f in FILES if (p := idx_problem(os.path.join(raw, f)))]
+    if not problems:
+        return None
+    if all(p.endswith('missing') for p in problems):
+        return f'Fashion-MNIST not found in {raw}; run: {setup_command(root)}'
+    return f'Fashion-MNIST in {raw} is damaged ({"; ".join(problems)}); run: {setup_command(root)}'
+
+
 class FashionMNIST(torchvision.datasets.FashionMNIST):
     """28x28 grey images returned as RGB PIL images, so the usual 3-channel models and transforms apply."""
 
     def __init__(self, root, train=True, transform=None):
-        if not all(os.path.isfile(os.path.join(raw_folder(root), f)) for f in FILES):
-            raise FileNotFoundError(f'Fashion-MNIST not found in {raw_folder(root)}; run: {setup_command(root)}')
+        problem = missing_files(root)
+        if problem:
+            raise FileNotFoundError(problem)
         super().__init__(root=root, train=train, transform=None, download=False)
         self.rgb_transform = transform
 
@@ -44,10 +78,11 @@ class FashionMNIST(torchvision.datasets.FashionMNIST):
 
 
 def prepare(root, debian_dir=None, download=True):
-    """Make ROOT/FashionMNIST/raw/ hold the four decompressed files: from Debian's package, else by download."""
+    """Make ROOT/FashionMNIST/raw/ hold the four decompressed files: from Debian's package, else by download.
+    Files that are missing or damaged (see `idx_problem`) are written again."""
     debian_dir = debian_dir or DEBIAN_DIR
     raw = raw_folder(root)
-    missing = [f for f in FILES if not os.path.isfile(os.path.join(raw, f))]
+    missing = [f for f in FILES if idx_problem(os.path.join(raw, f))]
     if not missing:
         return 'present'
     if all(os.path.isfile(os.path.join(debian_dir, f + '.gz')) for f in missing):
@@ -60,6 +95,9 @@ def prepare(root, debian_dir=None, download=True):
         return f'decompressed from {debian_dir}'
     if not download:
         raise FileNotFoundError(f'Fashion-MNIST not found in {raw} or {debian_dir}; run: {setup_command(root)}')
+    for f in missing:                     # torchvision downloads only what is absent: remove the damaged files
+        if os.path.exists(os.path.join(raw, f)):
+            os.remove(os.path.join(raw, f))
     try:
         torchvision.datasets.FashionMNIST(root=root, train=True, download=True)
         torchvision.datasets.FashionMNIST(root=root, train=False, download=True)
