@@ -130,13 +130,22 @@ class TrainStep:
 
 
 def _trim_csv(path, keep_steps, ipe):
-    """Drop rows logged after the checkpoint we resume from, so the CSV has each step once."""
+    """Drop rows logged after the checkpoint we resume from, so the CSV has each step once, and a line cut short
+    by a kill (no newline, or fields that do not parse; a cut header takes the file with it)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = lines[:1] + [ln for ln in lines[1:]
-                        if (int(ln.split(',')[0]) - 1) * ipe + int(ln.split(',')[1]) < keep_steps]
+
+    def step(line):
+        try:
+            epoch, itr = line.split(',')[:2]
+            return (int(epoch) - 1) * ipe + int(itr) if line.endswith('\n') else None
+        except ValueError:
+            return None
+
+    header_ok = bool(lines) and lines[0].endswith('\n')
+    kept = lines[:1] + [ln for ln in lines[1:] if (s := step(ln)) is not None and s < keep_steps] if header_ok else []
     if len(kept) != len(lines):
         with open(path, 'w') as f:
             f.writelines(kept)

@@ -68,6 +68,17 @@ def test_resume_after_kill_drops_rows_past_checkpoint(tmp_path):
     assert [int(r['itr']) for r in rows] == list(range(8))
 
 
+def test_resume_after_a_kill_mid_row_drops_the_partial_row(tmp_path):
+    """Killed while writing a CSV row: the resumed run drops the cut line and logs each step once."""
+    train_main(tiny_params(tmp_path, **{'optimization.max_steps': 4}))
+    with open(tmp_path / 'jepa_r0.csv', 'a') as f:
+        f.write('1,')                                                # no newline: the kill came here
+    assert train_main(tiny_params(tmp_path, **{'optimization.max_steps': 6}))['start_step'] == 4
+    _, rows = read_csv(tmp_path / 'jepa_r0.csv')
+    assert [int(r['itr']) for r in rows] == list(range(6))
+    assert all(math.isfinite(float(r['time (ms)'])) for r in rows)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     original = IJEPA.__call__
 
