@@ -10,6 +10,8 @@ import torchvision
 import torchvision.transforms as transforms
 from torch.utils.data import Dataset, Subset
 
+from src.datasets.image_folder import load_image
+
 FASHION_MNIST_TOPS = (0, 2, 4, 6)        # T-shirt/top, Pullover, Coat, Shirt: the confusable upper-body classes
 
 
@@ -67,7 +69,7 @@ class CUB200(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        img = torchvision.datasets.folder.default_loader(path)
+        img = load_image(path)
         return (self.transform(img) if self.transform else img), label
 
 
@@ -96,7 +98,7 @@ class SplitFolder(torchvision.datasets.ImageFolder):
 
     def __init__(self, root, train_root, transform=None):
         self.train_root = train_root
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=load_image)
 
     def find_classes(self, directory):
         classes, class_to_idx = super().find_classes(self.train_root)

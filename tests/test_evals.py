@@ -242,6 +242,30 @@ def test_cub200_reads_the_standard_folder(tmp_path):
         CUB200(str(tmp_path))
 
 
+def truncate_file(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_an_unreadable_evaluation_image_is_named(tmp_path):
+    """A truncated image (PIL says only "image file is truncated") raises naming its file, in CUB-200 and in the
+    ImageFolder evaluation sets."""
+    from evals.config import EvalDataConfig
+    from evals.data import DATASETS
+    write_cub(tmp_path / 'cub', [('001.Albatross/a.jpg', 1, True), ('002.Auklet/c.jpg', 2, True)])
+    truncate_file(tmp_path / 'cub' / 'images' / '002.Auklet' / 'c.jpg')
+    cub = CUB200(str(tmp_path / 'cub'), train=True)
+    cub[0]
+    with pytest.raises(RuntimeError, match='cannot read image .*c.jpg'):
+        cub[1]
+    write_image_folder(tmp_path / 'folder', per_class=1)
+    truncate_file(tmp_path / 'folder' / 'val' / 'bright' / '0.png')
+    val = DATASETS['imagefolder'](EvalDataConfig(dataset='imagefolder', root_path=str(tmp_path / 'folder')), False,
+                                  None)
+    with pytest.raises(RuntimeError, match='cannot read image .*bright.0.png'):
+        [val[i] for i in range(len(val))]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The command, end to end on a generated ImageFolder
 # --------------------------------------------------------------------------------------------------------------

@@ -49,10 +49,7 @@ class ImageNetSubset(object):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        try:
-            img = self.dataset.loader(path)
-        except Exception as e:
-            raise RuntimeError(f'cannot read image {path}: {e}') from e
+        img = self.dataset.loader(path)                                     # load_image: errors name the file
         if self.dataset.transform is not None:
             img = self.dataset.transform(img)
         if self.dataset.target_transform is not None:
