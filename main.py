@@ -40,14 +40,15 @@ def apply_overrides(params, overrides):
 
 
 def load_params(fname, overrides=()):
-    from src.config import ConfigError, parse_config
+    from src.config import ConfigError, parse_config, read_config_file
     from src.train import preflight
     try:
-        with open(fname, 'r') as y_file:
-            params = apply_overrides(yaml.safe_load(y_file), overrides)
+        params = read_config_file(fname)
+    except ConfigError as e:                # not found, or not a mapping: the message names the file
+        raise SystemExit(f'error: {e}')
+    try:
+        params = apply_overrides(params, overrides)
         preflight(parse_config(params))    # keys, types, mask settings, data: before any process starts
-    except FileNotFoundError:
-        raise SystemExit(f'error: config file not found: {fname}')
     except ConfigError as e:
         raise SystemExit(f'error: {fname}: {e}')
     return params

@@ -120,7 +120,7 @@ def parse_eval_config(params):
 
 def load_eval_config(fname, overrides=None):
     """Read a yaml eval config; `overrides` maps dotted keys to values (e.g. {'pretrain.checkpoint': path})."""
-    params = set_keys(read_config_file(fname) or {}, overrides or {})
+    params = set_keys(read_config_file(fname), overrides or {})
     try:
         return parse_eval_config(params)
     except ConfigError as e:

@@ -308,12 +308,16 @@ def require(checks):
 
 
 def read_config_file(fname):
-    """The yaml mapping of a config file (None if it is empty)."""
+    """The yaml mapping of a config file ({} if it is empty)."""
     try:
         with open(fname, 'r') as f:
-            return yaml.safe_load(f)
+            params = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f'config file not found: {fname}') from None
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f'{fname}: expected a mapping of config sections (meta:, data:, ...), '
+                          f'got a {type(params).__name__}')
+    return params or {}
 
 
 def set_keys(params, overrides):

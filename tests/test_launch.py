@@ -344,3 +344,10 @@ def test_main_set_overrides_config_keys(tmp_path):
     assert proc.returncode != 0 and 'SECTION.KEY=VALUE' in proc.stderr
     proc = run('main.py', '--fname', fname, '--devices', 'cpu', '--set', 'meta.sed=3', timeout=30)
     assert proc.returncode != 0 and 'meta.sed' in proc.stderr
+    # an empty config file is a config of defaults that --set can fill; a yaml that is not a mapping is refused
+    (tmp_path / 'empty.yaml').write_text('')
+    proc = run('main.py', '--fname', tmp_path / 'empty.yaml', '--devices', 'cpu', '--set', 'meta.sed=3', timeout=30)
+    assert proc.returncode != 0 and 'meta.sed' in proc.stderr and 'Traceback' not in proc.stderr
+    (tmp_path / 'list.yaml').write_text('- meta\n')
+    proc = run('main.py', '--fname', tmp_path / 'list.yaml', '--devices', 'cpu', timeout=30)
+    assert proc.returncode != 0 and 'expected a mapping' in proc.stderr and 'Traceback' not in proc.stderr
