@@ -104,12 +104,18 @@ def parse_eval_config(params):
         (cfg.pretrain.which in ('target_encoder', 'encoder'), 'pretrain.which', "'target_encoder' or 'encoder'"),
         (cfg.data.dataset in DATASETS, 'data.dataset', f'one of {tuple(DATASETS)}'),
         (cfg.data.batch_size >= 1, 'data.batch_size', 'at least 1'),
+        (cfg.data.resolution is None or cfg.data.resolution >= 1, 'data.resolution', 'null or at least 1'),
+        (all(n is None or n >= 1 for n in (cfg.data.limit_train, cfg.data.limit_test)),
+         'data.limit_train/limit_test', 'null or at least 1'),
         (cfg.knn.k >= 1, 'knn.k', 'at least 1'),
         (cfg.knn.temperature > 0, 'knn.temperature', '> 0'),
+        (cfg.knn.chunk_size >= 1, 'knn.chunk_size', 'at least 1'),
         (cfg.knn.pooling in POOLINGS, 'knn.pooling', f'one of {POOLINGS}'),
         (cfg.linear.epochs >= 1, 'linear.epochs', 'at least 1'),
-        (cfg.linear.batch_size >= 1, 'linear.batch_size', 'at least 1'),
+        (cfg.linear.batch_size >= 2, 'linear.batch_size', 'at least 2 (BatchNorm needs two rows)'),
+        (cfg.linear.lr > 0 and cfg.linear.weight_decay >= 0, 'linear.lr/weight_decay', '> 0 and >= 0'),
         (cfg.attentive.epochs >= 1, 'attentive.epochs', 'at least 1'),
+        (cfg.attentive.batch_size >= 1 and cfg.attentive.lr > 0, 'attentive.batch_size/lr', '>= 1 and > 0'),
     ]
     require(checks)
     if cfg.pretrain.checkpoint is None and (cfg.pretrain.model_name is None or cfg.pretrain.patch_size is None):

@@ -1,6 +1,7 @@
 # Linear probe on frozen features, the paper's protocol (SPEC section 4): BatchNorm (no affine) then a linear layer
 # on the average-pooled outputs of the last 4 blocks concatenated, SGD with momentum 0.9, 28 epochs, LR 0.01 x
-# batch / 256, x0.1 at epochs 8, 16 and 24, weight decay 5e-4. 'linear_last' is the same probe on the final
+# batch / 256, x0.1 at epochs 8, 16 and 24, weight decay 5e-4 (on the linear layer's weight and bias; the
+# BatchNorm has no parameters). 'linear_last' is the same probe on the final
 # block's average-pooled output only. Features are cached (evals/features.py), so an epoch is a pass over a matrix.
 
 import logging

@@ -1,10 +1,15 @@
 # Evaluate a pretrained encoder on this machine (frozen-encoder probes; see evals/scaffold.py):
 #   python -m evals.main --fname configs/evals/fmnist_demo.yaml --devices cpu
 #   python -m evals.main --fname configs/evals/fmnist_demo.yaml --checkpoint logs/demo_dseq/jepa-latest.pth.tar
-# Feature extraction and the probes run in one process on the first device.
+# Feature extraction and the probes run in one process on the first device. Results go to --folder, else to the
+# evals/ folder beside --checkpoint (where training writes its own evaluation), else to the config's
+# logging.folder; without --folder, a --random-init baseline goes to random_init/ inside that folder (as training
+# writes it), not over the checkpoint's results.
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 
 
@@ -15,7 +20,8 @@ def parse_args(argv=None):
     parser.add_argument('--checkpoint', default=None, help='override pretrain.checkpoint')
     parser.add_argument('--random-init', action='store_true',
                         help='evaluate a randomly initialised encoder of the same architecture (a baseline)')
-    parser.add_argument('--folder', default=None, help='override logging.folder')
+    parser.add_argument('--folder', default=None,
+                        help='override logging.folder (default with --checkpoint: evals/ beside the checkpoint)')
     return parser.parse_args(argv)
 
 
@@ -29,12 +35,17 @@ def main(argv=None):
         overrides['pretrain.checkpoint'] = args.checkpoint
     if args.folder:
         overrides['logging.folder'] = args.folder
+    elif args.checkpoint:               # beside the run, not in the folder the config names for another one
+        overrides['logging.folder'] = os.path.join(os.path.dirname(args.checkpoint), 'evals')
     from evals.scaffold import random_init_config, run
     try:
         cfg = load_eval_config(args.fname, overrides)
         if args.random_init:
             cfg = random_init_config(cfg)
-    except ConfigError as e:
+            if not args.folder:
+                cfg = dataclasses.replace(cfg, logging=dataclasses.replace(
+                    cfg.logging, folder=os.path.join(cfg.logging.folder, 'random_init')))
+    except (ConfigError, FileNotFoundError, ValueError) as e:   # bad config, missing or unusable checkpoint
         raise SystemExit(f'error: {e}')
     try:
         results = run(cfg, device=args.devices[0])

@@ -326,6 +326,34 @@ def test_evals_config_errors_name_the_key(tmp_path):
     bad = write_config(tmp_path / 'bad3.yaml', {'evals': ['knn'], 'pretrain': {'checkpoint': None}})
     with pytest.raises(ConfigError, match='model_name'):
         load_eval_config(bad)
+    # settings that would fail only after feature extraction, or silently (a probe of one row per batch never
+    # trains: BatchNorm skips it)
+    for key, value in [('linear.batch_size', 1), ('knn.chunk_size', 0), ('data.limit_train', 0),
+                       ('data.resolution', 0), ('linear.lr', -1.)]:
+        section, name = key.split('.')
+        bad = write_config(tmp_path / 'bad4.yaml', {'evals': ['knn'], section: {name: value}})
+        with pytest.raises(ConfigError, match=key):
+            load_eval_config(bad)
+
+
+def test_evals_main_writes_beside_the_checkpoint_and_the_baseline_apart(tmp_path, trained_runs):
+    """With --checkpoint (and no --folder) the results go to evals/ beside it, not to the config's folder (which
+    names another run's); --random-init goes to evals/random_init and leaves the checkpoint's results alone."""
+    import shutil
+    run = tmp_path / 'run'
+    run.mkdir()
+    checkpoint = shutil.copy(trained_runs['ijepa'], run / 'jepa-latest.pth.tar')
+    config = folder_eval_config(tmp_path, ['knn'], data={'batch_size': 5}, knn={'k': 3},
+                                logging={'folder': str(tmp_path / 'other_run' / 'evals')})
+    from evals.main import main
+    assert main(['--fname', config, '--checkpoint', str(checkpoint)]) == 0
+    results = (run / 'evals' / 'evals.json').read_text()
+    assert main(['--fname', config, '--checkpoint', str(checkpoint), '--random-init']) == 0
+    assert (run / 'evals' / 'evals.json').read_text() == results
+    assert 'random_init' in (run / 'evals' / 'random_init' / 'evals.json').read_text()
+    assert not (tmp_path / 'other_run').exists()
+    with pytest.raises(SystemExit, match='error: .*not found'):            # a clean error, not a traceback
+        main(['--fname', config, '--checkpoint', str(tmp_path / 'none.pth.tar'), '--random-init'])
 
 
 def test_training_ends_with_the_evaluation_of_its_checkpoint(tmp_path, capsys):
