@@ -108,6 +108,17 @@ def main(argv=None):
     devices = args.devices
     if len(devices) > 1 and any(d.startswith('cuda') for d in devices) and any(d == 'cpu' for d in devices):
         raise SystemExit('error: --devices mixes cpu and cuda')
+    cuda = [d for d in devices if d.startswith('cuda')]
+    if cuda:
+        import torch
+        count = torch.cuda.device_count()
+        try:
+            index = [int(d.split(':')[1]) if ':' in d else 0 for d in cuda]
+        except ValueError:
+            raise SystemExit(f'error: --devices {" ".join(cuda)}: expected cpu, cuda or cuda:N') from None
+        if max(index) >= count:
+            raise SystemExit(f'error: --devices {" ".join(cuda)}: this machine has {count} CUDA device(s)'
+                             + ('; use --devices cpu' if count == 0 else ''))
     if len(devices) == 1:
         process_main(0, args.fname, 1, devices, None, args.set)
         return 0

@@ -198,8 +198,11 @@ def make_executor(args):
 def launch(args):
     fnames = config_fnames(args)
     validate(fnames)
-    if args.nodes > 1 and args.cluster in ('local', 'debug'):
-        raise SystemExit(f'error: --cluster {args.cluster} runs on one node (got --nodes {args.nodes})')
+    cluster = args.cluster or submitit.AutoExecutor.which()     # what submitit would use here
+    if args.nodes > 1 and cluster in ('local', 'debug'):
+        raise SystemExit(f'error: --cluster {cluster} runs on one node (got --nodes {args.nodes})'
+                         + ('' if args.cluster else ': submitit found no SLURM here (run this on a SLURM login '
+                                                    'node, or use --nodes 1 to run on this machine)'))
     if args.cluster == 'debug' and args.tasks_per_node > 1:
         raise SystemExit('error: --cluster debug runs one task in this process: use --tasks-per-node 1, or '
                          '--cluster local for several processes')

@@ -133,8 +133,9 @@ def _torchvision(name, train_split, test_split, cls=None, **kwargs):
         key = 'version' if name == 'INaturalist' else 'split'
         try:
             return reader(data.root_path, **{key: split}, transform=transform, download=False, **kwargs)
-        except RuntimeError as e:       # torchvision: "Dataset not found or corrupted. You can use download=True"
-            raise FileNotFoundError(f'{name} ({split}) not found under {data.root_path}: {e}') from None
+        except RuntimeError:            # torchvision: "Dataset not found or corrupted. You can use download=True"
+            raise FileNotFoundError(f'{name} ({split}) not found or incomplete under {data.root_path} (torchvision\'s '
+                                    'on-disk layout of the data set; nothing is downloaded)') from None
     return build
 
 

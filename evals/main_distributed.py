@@ -63,9 +63,12 @@ def main(argv=None):
     overrides = {'pretrain.checkpoint': args.checkpoint} if args.checkpoint else {}
     for fname in args.fname:
         try:
-            load_eval_config(fname, overrides)
+            cfg = load_eval_config(fname, overrides)
         except ConfigError as e:
             raise SystemExit(f'error: {e}')
+        if cfg.pretrain.checkpoint and not os.path.isfile(cfg.pretrain.checkpoint):
+            print(f'warning: {fname}: checkpoint {cfg.pretrain.checkpoint} not found on this machine; the job fails '
+                  'unless the nodes have it', file=sys.stderr)
     executor = submitit.AutoExecutor(folder=os.path.join(args.folder, 'job_%j'), cluster=args.cluster,
                                      slurm_max_num_timeout=5)
     gpus = args.gpus if args.gpus is not None else (1 if executor.cluster == 'slurm' else 0)

@@ -477,6 +477,13 @@ def test_evals_main_distributed_through_submitits_local_executor(tmp_path, train
                            '--folder', str(tmp_path / 'submitit2')], cwd=repo, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and 'knn.k' in proc.stderr and not (tmp_path / 'submitit2').exists()
+    # a checkpoint missing here is said before submitting (the nodes may have it; here the job then fails)
+    proc = subprocess.run([sys.executable, '-m', 'evals.main_distributed', '--fname', config, '--checkpoint',
+                           str(tmp_path / 'none.pth.tar'), '--cluster', 'debug', '--folder',
+                           str(tmp_path / 'submitit3'), '--wait'], cwd=repo, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert 'warning' in proc.stderr and 'none.pth.tar not found on this machine' in proc.stderr, proc.stderr[-2000:]
 
 
 def test_random_init_baseline_is_the_same_encoder_every_time():

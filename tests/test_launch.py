@@ -313,6 +313,23 @@ def test_misspelled_key_fails_at_start_up(tmp_path):
     assert not logs.exists() and not (tmp_path / 'out2').exists()
 
 
+@pytest.mark.timeout(60)
+def test_unavailable_devices_and_nodes_fail_at_start_up(tmp_path):
+    """--devices naming a GPU this machine lacks, and --nodes 2 where submitit finds no SLURM (it would run the
+    job locally on one node), stop with a message instead of a traceback."""
+    fname = write_config(tmp_path / 'cfg.yaml', ddp_params(tmp_path / 'out'))
+    proc = run('main.py', '--fname', fname, '--devices', 'cuda:99', timeout=50)
+    assert proc.returncode != 0 and 'CUDA device(s)' in proc.stderr and 'Traceback' not in proc.stderr
+    import submitit
+    if submitit.AutoExecutor.which() == 'slurm':
+        return                                                           # --nodes 2 would really be submitted
+    logs = tmp_path / 'submitit'
+    proc = run('main_distributed.py', '--fname', fname, '--folder', logs, '--nodes', 2, '--tasks-per-node', 1,
+               timeout=50)
+    assert proc.returncode != 0 and 'no SLURM' in proc.stderr and 'Traceback' not in proc.stderr
+    assert not logs.exists()
+
+
 @pytest.mark.timeout(90)
 def test_impossible_masks_and_missing_data_fail_at_start_up(tmp_path):
     """Mask settings no block can satisfy and a missing data set stop main.py before any process starts, naming
