@@ -81,6 +81,12 @@ def main(argv=None):
     parser.add_argument('--block', type=int, default=5, help='consecutive calls before switching implementation')
     parser.add_argument('--device', default='cpu')
     args = parser.parse_args(argv)
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        print('error: bench.regions needs OpenCV: bash scripts/setup.sh --test (or pip install '
+              'opencv-python-headless)', file=sys.stderr)
+        return 1
 
     grid = (args.grid, args.grid)
     g = torch.Generator().manual_seed(0)
