@@ -19,6 +19,7 @@
 #   regions_ms=<median> opencv_ms=<median> speedup=<median over block pairs of opencv / ours>
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -81,9 +82,7 @@ def main(argv=None):
     parser.add_argument('--block', type=int, default=5, help='consecutive calls before switching implementation')
     parser.add_argument('--device', default='cpu')
     args = parser.parse_args(argv)
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec('cv2') is None:
         print('error: bench.regions needs OpenCV: bash scripts/setup.sh --test (or pip install '
               'opencv-python-headless)', file=sys.stderr)
         return 1
