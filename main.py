@@ -72,8 +72,11 @@ def process_main(rank, fname, world_size, devices, port, overrides=(), launcher_
         die_with(launcher_pid)
     device = devices[rank]
     if device.startswith('cuda'):
-        # one visible GPU per process, as in ijepa
+        # one visible GPU per process, as in ijepa (set before anything in this process asks CUDA)
         os.environ['CUDA_VISIBLE_DEVICES'] = device.split(':')[-1] if ':' in device else '0'
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit(f'error: --devices {device}: no such CUDA device on this machine; use --devices cpu')
         device = 'cuda:0'
     else:
         import torch
@@ -108,17 +111,10 @@ def main(argv=None):
     devices = args.devices
     if len(devices) > 1 and any(d.startswith('cuda') for d in devices) and any(d == 'cpu' for d in devices):
         raise SystemExit('error: --devices mixes cpu and cuda')
-    cuda = [d for d in devices if d.startswith('cuda')]
-    if cuda:
+    if len(devices) > 1 and devices[0].startswith('cuda'):   # (this process does not train: it may ask CUDA)
         import torch
-        count = torch.cuda.device_count()
-        try:
-            index = [int(d.split(':')[1]) if ':' in d else 0 for d in cuda]
-        except ValueError:
-            raise SystemExit(f'error: --devices {" ".join(cuda)}: expected cpu, cuda or cuda:N') from None
-        if max(index) >= count:
-            raise SystemExit(f'error: --devices {" ".join(cuda)}: this machine has {count} CUDA device(s)'
-                             + ('; use --devices cpu' if count == 0 else ''))
+        if torch.cuda.device_count() == 0:
+            raise SystemExit(f'error: --devices {" ".join(devices)}: no CUDA device on this machine; use --devices cpu')
     if len(devices) == 1:
         process_main(0, args.fname, 1, devices, None, args.set)
         return 0

@@ -162,3 +162,10 @@ def test_sampler_set_epoch_alone_changes_the_crops():
 
     for epoch in (0, 1):
         assert all(torch.equal(x, y) for x, y in zip(ours(epoch), ijepa_style(epoch)))
+    # and the crops do change with the epoch: image 0 seen in epochs 0 and 1 through the sampler alone
+    loader = TrainLoader(ds, 4, torch.utils.data.default_collate, seed=3)
+    crops = []
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        crops.append(loader.dataset[0][0])
+    assert loader.dataset.epoch == 1 and not torch.equal(*crops)

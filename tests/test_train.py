@@ -142,10 +142,11 @@ def test_momentum_stays_at_its_final_value_when_training_outlasts_the_schedule()
     assert [sched.momentum(t) for t in (20, 21, 39)] == [1.0, 1.0, 1.0]
 
 
-def test_bfloat16_without_cuda_gets_a_disabled_scaler_and_resumes_on_an_enabled_one(tmp_path):
+def test_bfloat16_without_cuda_gets_a_disabled_scaler_and_resumes_on_an_enabled_one(tmp_path, monkeypatch):
     """As ijepa's init_opt, use_bfloat16 gives a GradScaler even without CUDA (disabled: it passes the loss and the
     step through), and a checkpoint that saved its empty state loads where a scaler is enabled."""
     from src.helper import init_model, init_opt, load_checkpoint, save_checkpoint
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)         # as on this machine, on any machine
     encoder, predictor = init_model('cpu', patch_size=8, model_name='vit_pico', crop_size=32, pred_depth=1,
                                     pred_emb_dim=16)
     optimizer, scaler, _, _ = init_opt(encoder, predictor, iterations_per_epoch=2, start_lr=1e-4, ref_lr=1e-3,
