@@ -114,26 +114,25 @@ def test_main_single_process_ignores_inherited_cluster_variables(tmp_path):
     assert load(out / 'jepa-latest.pth.tar')['world_size'] == 1
 
 
-def children(pid):
-    """Pids of the live (not zombie) processes whose parent is `pid`, from /proc."""
-    found = []
-    for entry in os.listdir('/proc'):
-        try:
-            with open(f'/proc/{entry}/stat') as f:
-                fields = f.read().rsplit(')', 1)[1].split()      # after "pid (comm)": state, ppid, ...
-        except (OSError, IndexError, ValueError):
-            continue
-        if entry.isdigit() and int(fields[1]) == pid and fields[0] != 'Z':
-            found.append(int(entry))
-    return found
+def proc_state(pid):
+    """(state, parent pid) of process `pid` from /proc, or None if it is gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()          # after "pid (comm)": state, ppid, ...
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def alive(pid):
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except OSError:
-        return False
+    state = proc_state(pid)
+    return state is not None and state[0] != 'Z'                   # a zombie has ended
+
+
+def children(pid):
+    """Pids of the live processes whose parent is `pid`."""
+    return [int(p) for p in os.listdir('/proc')
+            if p.isdigit() and (s := proc_state(p)) is not None and s[1] == pid and s[0] != 'Z']
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
