@@ -94,7 +94,8 @@ def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_bucke
     z = [encoder(imgs, masks=[ctx_ids[rows, :l]], image_index=image_index[rows], key_valid=ctx_valid[rows, :l],
                  num_valid=sum(ctx_len[i] for i in group))
          for group, rows, l in _groups(groups, ctx_len, device)]           # (m, l, D) each
-    z = torch.cat([F.pad(part, (0, 0, 0, L - part.shape[1])) for part in z])[_restore(groups, device)]  # (M, L, D)
+    # (index_select rather than [index] on tensors that need gradients: its backward is deterministic on the CPU)
+    z = torch.cat([F.pad(part, (0, 0, 0, L - part.shape[1])) for part in z]).index_select(0, _restore(groups, device))
     # -- predictor: groups of similar context + target length; in each row the real context and target tokens
     # are moved together (compact_length), so neither a short context nor a short target is padded
     total = [c + t for c, t in sizes]
@@ -104,13 +105,14 @@ def predict_pairs(encoder, predictor, imgs, context_mask, target_mask, max_bucke
         l = max([sizes[i][0] for i in group], default=1)
         T = max([sizes[i][1] for i in group], default=1)
         tgt_ids, tgt_valid = pack(targets[rows], T)                        # (m, T)
-        preds = predictor(z[rows, :l], [ctx_ids[rows, :l]], [tgt_ids], context_valid=ctx_valid[rows, :l],
-                          target_valid=tgt_valid, compact_length=k, num_valid=sum(total[i] for i in group))
+        preds = predictor(z[:, :l].index_select(0, rows), [ctx_ids[rows, :l]], [tgt_ids],
+                          context_valid=ctx_valid[rows, :l], target_valid=tgt_valid, compact_length=k,
+                          num_valid=sum(total[i] for i in group))
         outputs.append((preds, tgt_ids, tgt_valid))
     # -- back to (image, step) order, every group padded to the longest target
     T = max(o[0].shape[1] for o in outputs)
     restore = _restore(groups, device)
-    return (torch.cat([_pad_tokens(o[0], T, 0.) for o in outputs])[restore],
+    return (torch.cat([_pad_tokens(o[0], T, 0.) for o in outputs]).index_select(0, restore),
             torch.cat([_pad_tokens(o[1], T, 0) for o in outputs])[restore],
             torch.cat([_pad_tokens(o[2], T, False) for o in outputs])[restore],
             image_index)

@@ -346,7 +346,9 @@ class VisionTransformer(nn.Module):
         x = x + self.interpolate_pos_encoding(x, self.pos_embed, grid)
         if image_index is not None:
             ids = masks[0] if isinstance(masks, list) else masks              # (M, K)
-            x = x[image_index].gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))   # (M, K, D)
+            # index_select, not x[image_index]: the backward of advanced indexing accumulates in a nondeterministic
+            # order on the CPU, index_select's does not
+            x = x.index_select(0, image_index).gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (M, K, D)
         elif masks is not None:
             x = apply_masks(x, masks if isinstance(masks, list) else [masks])  # (len(masks)*B, K, D)
         if self.cls_token is not None:
