@@ -161,8 +161,11 @@ def main(argv=None):
         runs['vs'] = build_step(cfg_vs, device, enc_vs, pred_vs)
         run_batches['vs'] = make_batches(cfg_vs, len(batches), args.real_data)
     times = {name: [] for name in runs}
+    order = list(runs.items())
     for i in range(len(batches)):
-        for name, step_fn in runs.items():          # interleaved: noise hits every implementation alike
+        # interleaved, so that noise hits every implementation alike; the order alternates, so that neither always
+        # runs right after the other
+        for name, step_fn in (order if i % 2 == 0 else order[::-1]):
             ms = timed(step_fn, run_batches[name][i], i, device)
             if i >= args.warmup:
                 times[name].append(ms)
@@ -180,13 +183,17 @@ def main(argv=None):
         print(f'{name:<8}{median[name]:>12.1f}{min(t):>10.1f}{B * 1000. / median[name]:>12.1f}'
               f'{median[name] / median["ours"]:>10.2f}')
     if args.flops:   # masks differ between batches: count each timed batch, compare totals
-        counter_step = copy.deepcopy(runs['ours'])
-        flops = [step_flops(counter_step, b) for b in batches[args.warmup:]]
         rate = matmul_gflops(device)
-        floor_ms = sum(flops) / rate / 1e6
-        print(f'step FLOPs {sum(flops) / len(flops) / 1e9:.1f} G (mean); matmul rate {rate:.1f} GFLOP/s; '
-              f'time at that rate {floor_ms / len(flops):.1f} ms/step; '
-              + ', '.join(f'{name} reaches {100 * floor_ms / sum(t):.0f}%' for name, t in times.items()) + ' of it')
+        # each run against its own work: --vs runs another method on its own batches; ijepa's modules do ours
+        counted = {name: [step_flops(copy.deepcopy(runs[name]), b) for b in run_batches[name][args.warmup:]]
+                   for name in runs if name != 'ijepa'}
+        if 'ijepa' in runs:
+            counted['ijepa'] = counted['ours']
+        for name, flops in counted.items():
+            floor_ms = sum(flops) / rate / 1e6
+            print(f'{name}: step FLOPs {sum(flops) / len(flops) / 1e9:.1f} G (mean); matmul rate {rate:.1f} GFLOP/s; '
+                  f'time at that rate {floor_ms / len(flops):.1f} ms/step; it reaches '
+                  f'{100 * floor_ms / sum(times[name]):.0f}% of it')
     print(f'step_ms={median["ours"]:.1f} images_per_s={B * 1000. / median["ours"]:.1f}')
     return 0
 
