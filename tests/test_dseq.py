@@ -406,6 +406,26 @@ def test_chained_later_steps_see_earlier_predictions_with_gradient(make_regions,
         assert torch.allclose(preds[b, :n], flat[b * S, :n], atol=1e-5)
 
 
+@pytest.mark.parametrize('static', [False, True], ids=['dynamic', 'static'])
+def test_chained_image_without_context_never_attends_to_nothing(static):
+    """An image whose R_1 is empty: the encoder still gets one key per row (a fully masked attention row is NaN on
+    some kernels), its predictions are finite, and none of them counts in the loss."""
+    encoder, predictor = tiny_models(True)
+    imgs = torch.randn(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))
+    label = torch.tensor([[1, 1, 2, 2, 2, 2, 3, 3] + [0] * 8, [1] * 8 + [2] * 4 + [3] * 4])   # image 1: no R_1
+    regions = label.unsqueeze(1) == torch.arange(4).view(1, 4, 1)
+    key_rows = []
+
+    def recording_encoder(*args, key_valid=None, **kwargs):
+        key_rows.append(key_valid.any(dim=1))
+        return encoder(*args, key_valid=key_valid, **kwargs)
+    preds, _, valid, image_index = predict_chained(recording_encoder, predictor, imgs,
+                                                   *plan_steps(regions, 'chained'), static=static)
+    assert all(rows.all() for rows in key_rows)
+    assert torch.isfinite(preds).all()
+    assert not valid[image_index == 1].any() and valid[image_index == 0].any()
+
+
 def test_chained_later_prediction_changes_with_the_earlier_one():
     encoder, predictor = tiny_models(True)
     imgs = torch.randn(2, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))

@@ -162,8 +162,9 @@ def predict_chained(encoder, predictor, imgs, context_mask, target_mask, static=
     K = N if static else None
     first = context_mask[:, 0]                                             # R_1, (B, N)
     ctx_ids, ctx_valid = pack(first, K)                                    # (B, L)
-    if static:
-        ctx_valid[:, 0] |= ~first.any(dim=1)     # an image with no context attends to one (ignored) key
+    # an image with no context attends to one (ignored) key, so that its outputs stay finite on any attention
+    # kernel (they are left out of the loss)
+    ctx_valid[:, 0] |= ~first.any(dim=1)
     z = encoder(imgs, masks=[ctx_ids], key_valid=ctx_valid)                # (B, L, D)
     D = z.shape[-1]
     canvas = z.new_zeros(B, N, D)                                          # predicted features so far
