@@ -6,17 +6,20 @@ from torch.utils.data import Subset
 def missing_data(data, training=True):
     """Why the pretraining data named by the `data` config section is not there, checked cheaply (no listing of
     the images), as a message naming the keys and what to do; None if nothing is missing."""
+    from src.datasets.image_folder import missing_folder
     if data.dataset == 'fashion_mnist':
         from src.datasets.fashion_mnist import missing_files
         return missing_files(data.root_path or 'data')
     if data.dataset == 'imagenet':
-        path = os.path.join(data.root_path or '', data.image_folder or '', 'train' if training else 'val')
+        from src.datasets.imagenet1k import split_folder
+        path = split_folder(data.root_path or '', data.image_folder or '', training)
     elif data.dataset == 'imagefolder':
         path = os.path.join(data.root_path or '', data.image_folder or '')
     else:
         return None
-    if not os.path.isdir(path):
-        return f'image folder not found: {path} (set data.root_path / data.image_folder)'
+    problem = missing_folder(path)
+    if problem:
+        return problem
     if data.dataset == 'imagenet' and data.subset_file is not None and not os.path.isfile(data.subset_file):
         return f'subset file not found: {data.subset_file} (data.subset_file)'
     return None

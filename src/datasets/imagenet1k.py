@@ -8,13 +8,18 @@ from src.datasets.image_folder import ImageFolder
 logger = getLogger()
 
 
+def split_folder(root, image_folder, train=True):
+    """ijepa's ImageNet layout: root/image_folder/train/ (or val/)."""
+    return os.path.join(root, image_folder, 'train/' if train else 'val/')
+
+
 class ImageNet(ImageFolder):
 
     def __init__(self, root, image_folder='imagenet_full_size/061417/', transform=None, train=True,
                  copy_data=False, **kwargs):
         if copy_data:
             raise ValueError('meta.copy_data is not supported: extract ImageNet locally and set data.root_path')
-        data_path = os.path.join(root, image_folder, 'train/' if train else 'val/')
+        data_path = split_folder(root, image_folder, train)
         logger.info(f'data-path {data_path}')
         super().__init__(root=data_path, transform=transform)
 
