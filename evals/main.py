@@ -7,7 +7,6 @@
 # writes it), not over the checkpoint's results.
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -41,10 +40,7 @@ def main(argv=None):
     try:
         cfg = load_eval_config(args.fname, overrides)
         if args.random_init:
-            cfg = random_init_config(cfg)
-            if not args.folder:
-                cfg = dataclasses.replace(cfg, logging=dataclasses.replace(
-                    cfg.logging, folder=os.path.join(cfg.logging.folder, 'random_init')))
+            cfg = random_init_config(cfg, subfolder=not args.folder)     # an explicit --folder is used as given
     except (ConfigError, FileNotFoundError, ValueError) as e:   # bad config, missing or unusable checkpoint
         raise SystemExit(f'error: {e}')
     try:

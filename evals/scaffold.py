@@ -42,8 +42,9 @@ def signature(cfg):
     return digest(desc)
 
 
-def random_init_config(cfg):
-    """The same evaluation on a randomly initialised encoder of the checkpoint's architecture."""
+def random_init_config(cfg, subfolder=True):
+    """The same evaluation on a randomly initialised encoder of the checkpoint's architecture; with `subfolder`,
+    written to {logging.folder}/random_init, beside (not over) the checkpoint's results."""
     _, info = load_encoder(cfg.pretrain.checkpoint, which=cfg.pretrain.which, model_name=cfg.pretrain.model_name,
                            patch_size=cfg.pretrain.patch_size, crop_size=cfg.pretrain.crop_size,
                            use_cls_token=cfg.pretrain.use_cls_token)
@@ -51,7 +52,9 @@ def random_init_config(cfg):
                                    patch_size=info['patch_size'], crop_size=info['crop_size'],
                                    use_cls_token=info['use_cls_token'])
     data = dataclasses.replace(cfg.data, normalization=cfg.data.normalization or info['normalization'])
-    return dataclasses.replace(cfg, pretrain=pretrain, data=data)
+    folder = os.path.join(cfg.logging.folder, 'random_init') if subfolder else cfg.logging.folder
+    return dataclasses.replace(cfg, pretrain=pretrain, data=data,
+                               logging=dataclasses.replace(cfg.logging, folder=folder))
 
 
 def run(cfg, device='cpu'):
@@ -110,10 +113,7 @@ def evaluate_checkpoint(fname, checkpoint, folder, random_init=False, device='cp
     cfg = load_eval_config(fname, {'pretrain.checkpoint': checkpoint, 'logging.folder': folder})
     out = {'pretrained': run(cfg, device), 'random_init': None}
     if random_init:
-        baseline = random_init_config(cfg)
-        baseline = dataclasses.replace(baseline, logging=dataclasses.replace(
-            baseline.logging, folder=os.path.join(folder, 'random_init')))
-        out['random_init'] = run(baseline, device)
+        out['random_init'] = run(random_init_config(cfg), device)
     for r in out['pretrained']:
         base = next((b for b in out['random_init'] or [] if b['eval'] == r['eval']), None)
         print(f'{r["eval"]}: top-1 {r["top1"]:.2f}%' + (f' (random init: {base["top1"]:.2f}%)' if base else ''),
