@@ -293,6 +293,49 @@ def test_impossible_context_scale_names_enc_key():
     assert 'min_keep' in str(info.value)
 
 
+def smallest_over_all_draws(H, W, scale, aspect_range):
+    """Brute force: the smallest block (reference rule above, in numpy) over all 2^24 values torch.rand draws."""
+    import numpy as np
+    best = H * W
+    for start in range(0, 1 << 24, 1 << 21):
+        r = np.arange(start, start + (1 << 21), dtype=np.float64) * 2.0 ** -24
+        assert r[-1] < 1.
+        max_keep = np.floor(H * W * (scale[0] + r * (scale[1] - scale[0])))
+        aspect = aspect_range[0] + r * (aspect_range[1] - aspect_range[0])
+        h = np.minimum(np.round(np.sqrt(max_keep * aspect)), H - 1)      # numpy rounds half to even, as round()
+        w = np.minimum(np.round(np.sqrt(max_keep / aspect)), W - 1)
+        best = min(best, int((h * w).min()))
+    return best
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('H,W,scale,aspect', [
+    (14, 14, (0.15, 0.2), (0.75, 1.5)),               # ijepa's target blocks
+    (14, 14, (0.85, 1.0), (1.0, 1.0)),                # ijepa's context blocks
+    (80, 58, (0.01065, 0.8396), (0.0226, 0.5489)),    # a 1x46 block is drawn about once in 20,000 draws
+    (32, 32, (0.32, 0.55), (0.5, 4.07)),
+    (7, 7, (0.45, 0.6), (0.93, 4.64)),                # r = 1 (never drawn) would give 2x6 = 12
+    (9, 5, (0.3, 0.3), (0.2, 6.0)),
+    (3, 40, (0.05, 1.0), (0.05, 0.05)),
+])
+def test_smallest_block_is_exact_over_all_draws(H, W, scale, aspect):
+    from src.masks.multiblock import smallest_block
+    assert smallest_block(H, W, scale, aspect) == smallest_over_all_draws(H, W, scale, aspect)
+
+
+@pytest.mark.timeout(15)
+def test_min_keep_check_uses_the_draws_that_can_happen():
+    # a 7x7 grid whose blocks all have at least 18 patches (r = 1, never drawn, would give 12): accepted
+    ok = dict(IJEPA_DEFAULTS, input_size=28, patch_size=4, pred_mask_scale=(0.45, 0.6), aspect_ratio=(0.93, 4.64),
+              enc_mask_scale=(0.85, 1.0), min_keep=15)
+    MaskCollator(**ok)
+    # a rare 1x46 block would never keep more than 46 patches: rejected at construction, not at some later step
+    bad = dict(IJEPA_DEFAULTS, input_size=(640, 464), patch_size=8, pred_mask_scale=(0.01065, 0.8396),
+               aspect_ratio=(0.0226, 0.5489), min_keep=46)
+    with pytest.raises(MaskSettingsError, match='as few as 46 patches'):
+        MaskCollator(**bad)
+
+
 @pytest.mark.timeout(15)
 @pytest.mark.parametrize('input_size,patch_size', [(8, 8), (16, 16), ((64, 8), 8)])
 def test_too_small_grid_raises(input_size, patch_size):

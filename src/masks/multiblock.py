@@ -40,10 +40,65 @@ def _block_sizes(height, width, scale, aspect_ratio, rand):
     return h, w
 
 
-def smallest_block(height, width, scale, aspect_ratio, resolution=4096):
-    """The fewest patches a block of this scale/aspect range can have (dense scan of the uniform draw)."""
-    sizes = [_block_sizes(height, width, scale, aspect_ratio, i / resolution) for i in range(resolution + 1)]
-    return min(h * w for h, w in sizes)
+_RAND_BITS = 24   # torch.rand's float32 draws are k * 2**-24, k = 0 .. 2**24 - 1
+
+
+def _block_areas(height, width, scale, aspect_ratio, rand):
+    """`_block_sizes`' h * w for an array of draws `rand` (numpy float64, the same arithmetic as Python floats)."""
+    import numpy as np
+    (min_s, max_s), (min_ar, max_ar) = scale, aspect_ratio
+    keep = np.floor(height * width * (min_s + rand * (max_s - min_s)))
+    aspect = min_ar + rand * (max_ar - min_ar)
+    h = np.minimum(np.rint(np.sqrt(keep * aspect)), height - 1)       # rint: round half to even, as round()
+    w = np.minimum(np.rint(np.sqrt(keep / aspect)), width - 1)
+    return h * w
+
+
+def smallest_block(height, width, scale, aspect_ratio):
+    """The fewest patches of a block of this scale/aspect range, exactly: the minimum of `_block_sizes` over every
+    value torch.rand can draw. The block size is a step function of the draw r. It changes only where the kept
+    count int(H * W * scale(r)) crosses an integer m, and, while it is m, where sqrt(m * aspect(r)) or
+    sqrt(m / aspect(r)) crosses k + 1/2. Every step holds a draw next to one of those points (or r = 0), so the
+    draws two either side of each point, which also absorb the point's own rounding, cover them all."""
+    import numpy as np
+    (min_s, max_s), (min_ar, max_ar) = scale, aspect_ratio
+    area = height * width
+    m = np.arange(max(1, int(area * min_s)), int(area * max_s) + 1, dtype=np.float64)    # kept counts (0: none)
+    points = [np.zeros(1)]
+    if max_s > min_s:                        # the draws where int(area * scale(r)) becomes m, m + 1
+        lo = np.clip((m / area - min_s) / (max_s - min_s), 0, 1)
+        hi = np.clip(((m + 1) / area - min_s) / (max_s - min_s), 0, 1)
+        points.append(lo)
+    else:
+        lo, hi = np.zeros_like(m), np.ones_like(m)
+    if max_ar > min_ar and len(m):           # within each m's draws: aspect(r) = (k + 1/2)^2 / m or m / (k + 1/2)^2
+        a_lo, a_hi = min_ar + lo * (max_ar - min_ar), min_ar + hi * (max_ar - min_ar)
+        for first, last, to_aspect in ((np.sqrt(m * a_lo), np.sqrt(m * a_hi), lambda x: x ** 2 / m[:, None]),
+                                        (np.sqrt(m / a_hi), np.sqrt(m / a_lo), lambda x: m[:, None] / x ** 2)):
+            k = np.floor(first - .5) - 1                                # one spare k either side
+            count = (np.floor(last - .5) + 2 - k).astype(np.int64)
+            half = k[:, None] + np.arange(count.max()) + .5
+            a = to_aspect(half)[(np.arange(count.max()) < count[:, None]) & (half > 0)]
+            points.append((a[(a >= min_ar) & (a <= max_ar)] - min_ar) / (max_ar - min_ar))
+    top = 2 ** _RAND_BITS
+    k = np.floor(np.concatenate(points) * top)
+    k = np.unique(np.clip(k[:, None] + np.arange(-2, 3), 0, top - 1))
+    return int(_block_areas(height, width, scale, aspect_ratio, k / top).min())
+
+
+def check_block_settings(grid_size, patch_size, aspect_ratio, **scales):
+    """Raise MaskSettingsError unless blocks can be drawn on this grid: at least 2x2 patches, each scale range
+    (keyword = its key under mask:) within (0, 1] and the aspect range positive. Returns the grid's description."""
+    where = f'(grid {grid_size[0]}x{grid_size[1]} = data.crop_size // mask.patch_size with patch_size={patch_size})'
+    if min(grid_size) < 2:
+        raise MaskSettingsError(f'the patch grid is too small for block masks {where}: '
+                                'increase data.crop_size or decrease mask.patch_size')
+    for key, scale in scales.items():
+        if len(scale) != 2 or not 0. < scale[0] <= scale[1] <= 1.:
+            raise MaskSettingsError(f'mask.{key} must be [min, max] with 0 < min <= max <= 1, got {list(scale)}')
+    if len(aspect_ratio) != 2 or not 0. < aspect_ratio[0] <= aspect_ratio[1]:
+        raise MaskSettingsError(f'mask.aspect_ratio must be [min, max] with 0 < min <= max, got {list(aspect_ratio)}')
+    return where
 
 
 class MaskCollator(BatchCounter):
@@ -95,18 +150,8 @@ class MaskCollator(BatchCounter):
 
     def _check_settings(self):
         """Reject settings for which ijepa's sampler would loop forever (SPEC section 3)."""
-        where = (f'(grid {self.height}x{self.width} = data.crop_size // mask.patch_size '
-                 f'with patch_size={self.patch_size})')
-        if self.height < 2 or self.width < 2:
-            raise MaskSettingsError(f'the patch grid is too small for block masks {where}: '
-                                    'increase data.crop_size or decrease mask.patch_size')
-        for key, scale in (('mask.pred_mask_scale', self.pred_mask_scale),
-                           ('mask.enc_mask_scale', self.enc_mask_scale)):
-            if len(scale) != 2 or not 0. < scale[0] <= scale[1] <= 1.:
-                raise MaskSettingsError(f'{key} must be [min, max] with 0 < min <= max <= 1, got {list(scale)}')
-        if len(self.aspect_ratio) != 2 or not 0. < self.aspect_ratio[0] <= self.aspect_ratio[1]:
-            raise MaskSettingsError(f'mask.aspect_ratio must be [min, max] with 0 < min <= max, '
-                                    f'got {list(self.aspect_ratio)}')
+        where = check_block_settings((self.height, self.width), self.patch_size, self.aspect_ratio,
+                                     pred_mask_scale=self.pred_mask_scale, enc_mask_scale=self.enc_mask_scale)
         if self.nenc < 1 or self.npred < 1:
             raise MaskSettingsError('mask.num_enc_masks and mask.num_pred_masks must be at least 1')
         if self.min_keep < 0:
