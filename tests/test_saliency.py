@@ -536,3 +536,14 @@ def test_boxes_are_rectangles_in_the_grid_with_ijepa_sizes(grid, scale, aspect):
     for box in draw(c, 3, B=20)['boxes'].view(-1, gh, gw):
         rows, cols = box.any(dim=1).nonzero().flatten(), box.any(dim=0).nonzero().flatten()
         assert (len(rows), len(cols)) in allowed and box.sum() == len(rows) * len(cols)
+
+
+@pytest.mark.parametrize('kw,key', [(dict(box_scale=(-0.2, 0.1)), 'pred_mask_scale'),
+                                    (dict(box_scale=(0.5, 0.1)), 'pred_mask_scale'),
+                                    (dict(box_aspect_ratio=(-1., 1.)), 'aspect_ratio'),
+                                    (dict(input_size=8, patch_size=8), 'grid')])
+def test_collator_rejects_box_settings_that_give_empty_boxes(kw, key):
+    # a negative area or aspect makes a box's sides NaN, hence empty boxes; a 1x1 grid has no boxes to draw
+    from src.masks.multiblock import MaskSettingsError
+    with pytest.raises(MaskSettingsError, match=key):
+        make_collator(**kw)

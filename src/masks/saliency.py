@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from src.masks.multiblock import check_block_settings
 from src.masks.utils import BatchCounter, seed_from
 
 def cls_similarity_saliency(patch_features, cls_token):
@@ -230,6 +231,8 @@ class DSeqCollator(BatchCounter):
         super().__init__(deterministic=True)
         size = input_size if isinstance(input_size, (tuple, list)) else (input_size, input_size)
         self.grid_size = (size[0] // patch_size, size[1] // patch_size)
+        # the random boxes are sized like I-JEPA's target blocks, from the same keys (make_dseq_collator)
+        check_block_settings(self.grid_size, patch_size, box_aspect_ratio, pred_mask_scale=box_scale)
         self.num_regions = num_regions
         self.box_scale, self.box_aspect_ratio = tuple(box_scale), tuple(box_aspect_ratio)
         self.lambda_start, self.lambda_end = lambda_start, lambda_end
