@@ -2,6 +2,7 @@
 # k-NN and the linear probe against plain references, the dataset formats on generated fixtures, and the command.
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -452,11 +453,24 @@ def test_figures_for_a_dseq_checkpoint(tmp_path, trained_runs):
             png = Image.open(path)
             assert png.size[0] > 150 and png.size[1] > 150
     encoder, _ = load_encoder(trained_runs['dseq'])
-    cfg, block = dseq_settings(trained_runs['dseq'], encoder)
+    cfg, mask, block = dseq_settings(trained_runs['dseq'], encoder)
     assert cfg.saliency == 'cls_similarity' and block == 2
-    _, saliency, regions = regions_of(encoder, torch.randn(4, 3, 32, 32), cfg, block)
-    assert regions.shape == (4, cfg.num_regions, 16) and saliency.shape == (4, 16)
+    imgs = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _, saliency, regions, is_rest = regions_of(encoder, imgs, cfg, block, mask)
+    assert regions.shape == (6, cfg.num_regions, 16) and saliency.shape == (6, 16)
     assert (regions.sum(dim=1) == 1).all()          # disjoint, covering the image
+    assert is_rest[:, -1].all() and not is_rest[:, :-1].any()      # grey: the background, last
+    # the figure follows the checkpoint's variant as the step does: truncation keeps the first k non-empty regions
+    _, _, cut, cut_rest = regions_of(encoder, imgs, dataclasses.replace(cfg, truncate_regions=2), block, mask)
+    assert cut.shape == (6, 2, 16)
+    for b in range(6):
+        kept = [r for r in regions[b] if r.any()][:2]
+        assert [r.tolist() for r in cut[b] if r.any()] == [r.tolist() for r in kept]
+        assert cut_rest[b].tolist() == [bool(r.any()) and torch.equal(r, regions[b, -1]) for r in cut[b]]
+    # the 'blocks' generator: the context (the rest of the image, grey) comes first, then the scored boxes
+    _, _, blocks, blocks_rest = regions_of(encoder, imgs, dataclasses.replace(cfg, regions='blocks'), block, mask)
+    assert (blocks.sum(dim=1) == 1).all() and blocks_rest[:, 0].all() and not blocks_rest[:, 1:].any()
+    assert (blocks[:, 1:].any(dim=2).sum(dim=1) >= 1).all()
 
 
 @pytest.mark.timeout(180)
@@ -554,3 +568,13 @@ def test_a_requested_crop_size_sets_the_resolution_not_the_weights(trained_runs)
     encoder, info = load_encoder(trained_runs['ijepa'], crop_size=48)
     assert info['crop_size'] == 48
     assert encoder(torch.randn(1, 3, 48, 48)).shape == (1, 36, 32)   # position embedding interpolated
+
+
+@pytest.mark.parametrize('flags,message', [(['--start', '-3'], 'at least 0'), (['--num-images', '0'], 'at least 1'),
+                                           (['--start', '100000'], 'the test set has')])
+def test_figures_refuse_images_outside_the_test_set(tmp_path, trained_runs, flags, message, capsys):
+    from evals.figures import main as figures_main
+    config = folder_eval_config(tmp_path, ['knn'])
+    with pytest.raises(SystemExit) as info:
+        figures_main(['--checkpoint', trained_runs['dseq'], '--fname', config, '--out', str(tmp_path / 'f')] + flags)
+    assert message in str(info.value) and not (tmp_path / 'f').exists()

@@ -152,6 +152,24 @@ def saliency_from(encoder, imgs, cfg, block):
     return out['x'], torch.stack([out['attn_received'][b] for b in blocks]).mean(dim=0)
 
 
+def make_regions(cfg, saliency, draws, grid_size):
+    """Ordered disjoint regions [B, R, N], the slots that took a random box [B, R-1] and the salient slots
+    before the curriculum [B, R-1, N]. cfg: the dseq config section; draws: DSeqCollator's."""
+    if cfg.regions == 'components':
+        salient = select_regions(saliency, grid_size, cfg.num_regions, cfg.min_region_area)[:, :-1]
+        salient = order_slots(salient, cfg.order, draws['order_noise'])
+    elif cfg.regions == 'blocks':
+        salient = select_blocks(saliency, draws['candidates'], cfg.num_regions - 1, cfg.nms_iou)
+        salient = order_slots(salient, cfg.order, draws['order_noise'])
+        regions, use_box = apply_curriculum(salient, draws['boxes'], draws['keep'], fill_first=False)
+        # the blocks are the targets; the context is everything outside them (it comes first)
+        regions = torch.cat([regions[:, -1:], regions[:, :-1]], dim=1)
+        return regions, use_box, salient
+    else:   # random_blocks: the uniform ablation, every slot is a random box
+        salient = torch.zeros_like(draws['boxes'])
+    return apply_curriculum(salient, draws['boxes'], draws['keep'], cfg.fill_first_region) + (salient,)
+
+
 class DSeqJEPA:
     """Loss of one batch, with the statistics logged after ijepa's CSV columns."""
 
@@ -183,22 +201,7 @@ class DSeqJEPA:
         return F.layer_norm(x, (x.size(-1),)), saliency
 
     def make_regions(self, saliency, draws):
-        """Ordered disjoint regions [B, R, N], the slots that took a random box [B, R-1] and the salient slots
-        before the curriculum [B, R-1, N]."""
-        c = self.cfg
-        if c.regions == 'components':
-            salient = select_regions(saliency, self.grid_size, c.num_regions, c.min_region_area)[:, :-1]
-            salient = order_slots(salient, c.order, draws['order_noise'])
-        elif c.regions == 'blocks':
-            salient = select_blocks(saliency, draws['candidates'], c.num_regions - 1, c.nms_iou)
-            salient = order_slots(salient, c.order, draws['order_noise'])
-            regions, use_box = apply_curriculum(salient, draws['boxes'], draws['keep'], fill_first=False)
-            # the blocks are the targets; the context is everything outside them (it comes first)
-            regions = torch.cat([regions[:, -1:], regions[:, :-1]], dim=1)
-            return regions, use_box, salient
-        else:   # random_blocks: the uniform ablation, every slot is a random box
-            salient = torch.zeros_like(draws['boxes'])
-        return apply_curriculum(salient, draws['boxes'], draws['keep'], c.fill_first_region) + (salient,)
+        return make_regions(self.cfg, saliency, draws, self.grid_size)
 
     def loss_fn(self, preds, targets, valid, batch_size):
         """Smooth-L1 per target token, reduced per region (mean per step, summed over steps, mean over images)
