@@ -7,9 +7,10 @@
 # Each run folder is evaluated with the eval config on its latest checkpoint, unless {run}/evals/ already holds
 # results of the same eval config on that same checkpoint file (the demos write them when training ends). Writes
 #   ab.md / ab.csv   per evaluation: mean +- std over the seeds of each group, and each group's difference from the
-#                    first group with a 95% Welch t confidence interval
-#   ab.png           training loss against step (mean over seeds, min-max band) and the probe's test accuracy
-#                    against probe epoch, per group
+#                    first group with a 95% Welch t confidence interval; the steps the checkpoints trained for (the
+#                    seeds of a group must agree; groups that differ are warned about)
+#   ab.png           training loss against step (per step, mean and min-max over the seeds that logged it) and the
+#                    probe's test accuracy against probe epoch, per group
 
 import argparse
 import csv
@@ -23,12 +24,22 @@ import sys
 logger = logging.getLogger()
 
 
+def checkpoint_of(run, tag='jepa'):
+    return os.path.join(run, f'{tag}-latest.pth.tar')
+
+
+def checkpoint_step(run, tag='jepa'):
+    """The training step of a run's latest checkpoint (memory-mapped: the weights are not read)."""
+    import torch
+    return torch.load(checkpoint_of(run, tag), map_location='cpu', weights_only=True, mmap=True).get('step')
+
+
 def run_results(run, fname, tag='jepa', device='cpu'):
     """The evaluation results of one run folder: read from {run}/evals/evals.json when they cover the config's
     evaluations of the run's latest checkpoint, computed (and written there) otherwise."""
     from evals.config import load_eval_config
     from evals.scaffold import run as evaluate
-    checkpoint = os.path.join(run, f'{tag}-latest.pth.tar')
+    checkpoint = checkpoint_of(run, tag)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f'{run}: no {tag}-latest.pth.tar (is it a training folder?)')
     folder = os.path.join(run, 'evals')
@@ -79,32 +90,36 @@ def compare(groups):
 
 def write_table(rows, reference, out):
     os.makedirs(out, exist_ok=True)
-    columns = ('eval', 'group', 'n', 'mean', 'std', 'diff', 'ci_low', 'ci_high')
+    columns = ('eval', 'group', 'n', 'step', 'mean', 'std', 'diff', 'ci_low', 'ci_high')
     with open(os.path.join(out, 'ab.csv'), 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
-    lines = ['| evaluation | group | seeds | top-1 (%) mean +- std | difference vs ' + reference + ' [95% CI] |',
-             '| --- | --- | --- | --- | --- |']
+    lines = [f'| evaluation | group | seeds | steps | top-1 (%) mean +- std | difference vs {reference} [95% CI] |',
+             '| --- | --- | --- | --- | --- | --- |']
     for r in rows:
         diff = ('' if 'diff' not in r else
                 f'{r["diff"]:+.2f} [{r["ci_low"]:+.2f}, {r["ci_high"]:+.2f}]')
-        lines.append(f'| {r["eval"]} | {r["group"]} | {r["n"]} | {r["mean"]:.2f} +- {r["std"]:.2f} | {diff} |')
+        lines.append(f'| {r["eval"]} | {r["group"]} | {r["n"]} | {r.get("step", "")} | {r["mean"]:.2f} +- '
+                     f'{r["std"]:.2f} | {diff} |')
     text = '\n'.join(lines) + '\n'
     with open(os.path.join(out, 'ab.md'), 'w') as f:
         f.write(text)
     return text
 
 
+def loss_csv(run, tag='jepa'):
+    return os.path.join(run, f'{tag}_r0.csv')
+
+
 def read_losses(run, tag='jepa'):
-    """(steps, losses) from the rank-0 training CSV of a run."""
-    path = os.path.join(run, f'{tag}_r0.csv')
-    steps, losses = [], []
-    with open(path) as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            steps.append(i)
-            losses.append(float(row['loss']))
-    return steps, losses
+    """(steps, losses) from the rank-0 training CSV of a run. A row's step is (epoch - 1) * I + itr, with I the
+    largest itr in the file + 1: the iterations per epoch when each epoch's last step is logged, as this
+    repository's CSV logs every step (ijepa's logs every log_freq)."""
+    with open(loss_csv(run, tag)) as f:
+        rows = [(int(r['epoch']), int(r['itr']), float(r['loss'])) for r in csv.DictReader(f)]
+    per_epoch = max((itr for _, itr, _ in rows), default=0) + 1
+    return [(epoch - 1) * per_epoch + itr for epoch, itr, _ in rows], [loss for _, _, loss in rows]
 
 
 def plot(runs, results, out, probe='linear'):
@@ -114,12 +129,13 @@ def plot(runs, results, out, probe='linear'):
     import matplotlib.pyplot as plt
     fig, (ax_loss, ax_probe) = plt.subplots(1, 2, figsize=(11, 4))
     for name, folders in runs.items():
-        curves = [read_losses(r)[1] for r in folders]
-        length = min(len(c) for c in curves)
-        mean = [statistics.mean(c[i] for c in curves) for i in range(length)]
-        ax_loss.plot(range(length), mean, label=f'{name} ({len(curves)} seeds)')
-        ax_loss.fill_between(range(length), [min(c[i] for c in curves) for i in range(length)],
-                             [max(c[i] for c in curves) for i in range(length)], alpha=0.2)
+        by_step = {}                  # step -> the losses of the seeds that logged it (runs may differ in length)
+        for steps, losses in (read_losses(r) for r in folders):
+            for step, loss in zip(steps, losses):
+                by_step.setdefault(step, []).append(loss)
+        steps = sorted(by_step)
+        ax_loss.plot(steps, [statistics.mean(by_step[s]) for s in steps], label=f'{name} ({len(folders)} seeds)')
+        ax_loss.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.2)
         probe_curves = [next((r['curve'] for r in res if r['eval'] == probe and r.get('curve')), None)
                         for res in results[name]]
         probe_curves = [c for c in probe_curves if c]
@@ -154,9 +170,23 @@ def main(argv=None):
     for group in args.group:
         if len(group) < 2:
             raise SystemExit(f'error: --group {group[0]}: give the group name, then at least one run folder')
+        if group[0] in runs:
+            raise SystemExit(f'error: two groups are named {group[0]!r}')
         runs[group[0]] = group[1:]
     if len(runs) < 2:
         raise SystemExit('error: give at least two --group')
+    for run in (r for folders in runs.values() for r in folders):
+        for path, what in ((checkpoint_of(run), 'is it a training folder?'), (loss_csv(run), 'the training log')):
+            if not os.path.isfile(path):
+                raise SystemExit(f'error: {run}: no {os.path.basename(path)} ({what})')
+    steps = {name: sorted({checkpoint_step(r) for r in folders}, key=str) for name, folders in runs.items()}
+    for name, found in steps.items():    # seeds of one group averaged together must have trained as long
+        if len(found) > 1:
+            raise SystemExit(f'error: group {name} mixes checkpoints of different training steps {found}: give runs '
+                             'that trained for the same number of steps')
+    if len({tuple(found) for found in steps.values()}) > 1:
+        logger.warning('the groups trained for different numbers of steps: ' +
+                       ', '.join(f'{name} {found}' for name, found in steps.items()))
     from src.config import ConfigError
     try:
         results = {name: [run_results(r, args.fname, device=args.devices[0]) for r in folders]
@@ -169,6 +199,8 @@ def main(argv=None):
             for r in res:
                 groups[name].setdefault(r['eval'], []).append(r['top1'])
     rows = compare(groups)
+    for row in rows:
+        row['step'] = steps[row['group']][0]        # the checkpoints' training step (the same within a group)
     print(write_table(rows, next(iter(runs)), args.out), end='')
     print(f'wrote {os.path.join(args.out, "ab.md")}, ab.csv and {plot(runs, results, args.out)}')
     return 0

@@ -416,8 +416,9 @@ def test_ab_command_writes_table_and_plot_and_reuses_results(tmp_path, monkeypat
     assert [(r['eval'], r['group'], r['n']) for r in rows] == [('knn', 'ijepa', '2'), ('knn', 'dseq', '2'),
                                                                ('linear', 'ijepa', '2'), ('linear', 'dseq', '2')]
     assert rows[0]['diff'] == '' and rows[1]['diff'] != ''
+    assert {r['step'] for r in rows} == {'3'}
     table = open(tmp_path / 'report' / 'ab.md').read()
-    assert table.startswith('| evaluation | group |') and '| linear | dseq | 2 |' in table
+    assert table.startswith('| evaluation | group |') and '| linear | dseq | 2 | 3 |' in table
     png = Image.open(tmp_path / 'report' / 'ab.png')
     assert png.size[0] > 500 and png.size[1] > 200
     # every run now has its results: a second comparison evaluates nothing
@@ -426,6 +427,33 @@ def test_ab_command_writes_table_and_plot_and_reuses_results(tmp_path, monkeypat
     assert main(args) == 0
     with pytest.raises(SystemExit, match='at least two'):
         main(['--fname', eval_config, '--group', 'ijepa', *runs['ijepa'], '--out', str(tmp_path / 'r2')])
+    with pytest.raises(SystemExit, match="two groups are named 'dseq'"):
+        main(['--fname', eval_config, '--group', 'dseq', runs['dseq'][0], '--group', 'dseq', runs['dseq'][1],
+              '--out', str(tmp_path / 'r3')])
+    # a seed stopped early is not averaged with finished ones
+    short = tmp_path / 'dseq_short'
+    train_main(tiny_params(short, **{'meta.method': 'dseq', 'meta.use_cls_token': True, 'optimization.max_steps': 2,
+                                     'logging.log_freq': 1}))
+    with pytest.raises(SystemExit, match=r'group dseq mixes checkpoints of different training steps \[2, 3\]'):
+        main(['--fname', eval_config, '--group', 'ijepa', *runs['ijepa'], '--group', 'dseq', runs['dseq'][0],
+              str(short), '--out', str(tmp_path / 'r4')])
+    os.remove(short / 'jepa_r0.csv')          # no training log: said before anything is evaluated
+    monkeypatch.setattr(scaffold, 'run', lambda *a, **k: pytest.fail('evaluated before the check'))
+    with pytest.raises(SystemExit, match='no jepa_r0.csv'):
+        main(['--fname', eval_config, '--group', 'ijepa', *runs['ijepa'], '--group', 'dseq', str(short),
+              '--out', str(tmp_path / 'r5')])
+    assert not (tmp_path / 'r5').exists()
+
+
+def test_ab_loss_steps_come_from_the_csvs_epoch_and_itr(tmp_path):
+    from evals.ab import read_losses
+    rows = [(1, 0), (1, 10), (1, 20), (2, 0), (2, 10), (2, 20), (3, 0)]      # ijepa logs every log_freq = 10 steps
+    with open(tmp_path / 'jepa_r0.csv', 'w') as f:
+        f.write('epoch,itr,loss,mask-A,mask-B,time (ms)\n')
+        f.writelines(f'{e},{i},{0.5 / (1 + k):.5f},10,12,100\n' for k, (e, i) in enumerate(rows))
+    steps, losses = read_losses(str(tmp_path))
+    assert steps == [0, 10, 20, 21, 31, 41, 42]                             # 21 iterations per epoch
+    assert losses[0] == 0.5 and len(losses) == len(rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
