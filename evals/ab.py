@@ -116,8 +116,15 @@ def read_losses(run, tag='jepa'):
     """(steps, losses) from the rank-0 training CSV of a run. A row's step is (epoch - 1) * I + itr, with I the
     largest itr in the file + 1: the iterations per epoch when each epoch's last step is logged, as this
     repository's CSV logs every step (ijepa's logs every log_freq)."""
+    rows = []
     with open(loss_csv(run, tag)) as f:
-        rows = [(int(r['epoch']), int(r['itr']), float(r['loss'])) for r in csv.DictReader(f)]
+        for r in csv.DictReader(f):
+            try:
+                if None in r.values():           # fewer fields than the header
+                    raise ValueError
+                rows.append((int(r['epoch']), int(r['itr']), float(r['loss'])))
+            except ValueError:                   # a row cut short by a kill (training drops it when it resumes)
+                logger.warning(f'{loss_csv(run, tag)}: skipped the incomplete row {r}')
     per_epoch = max((itr for _, itr, _ in rows), default=0) + 1
     return [(epoch - 1) * per_epoch + itr for epoch, itr, _ in rows], [loss for _, _, loss in rows]
 

@@ -454,6 +454,9 @@ def test_ab_loss_steps_come_from_the_csvs_epoch_and_itr(tmp_path):
     steps, losses = read_losses(str(tmp_path))
     assert steps == [0, 10, 20, 21, 31, 41, 42]                             # 21 iterations per epoch
     assert losses[0] == 0.5 and len(losses) == len(rows)
+    with open(tmp_path / 'jepa_r0.csv', 'a') as f:
+        f.write('3,10,0.0')                                                 # cut short by a kill
+    assert read_losses(str(tmp_path)) == (steps, losses)
 
 
 # --------------------------------------------------------------------------------------------------------------
