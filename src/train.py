@@ -151,16 +151,67 @@ def _trim_csv(path, keep_steps, ipe):
             f.writelines(kept)
 
 
+def resume_path(cfg, resume_preempt=False):
+    """The checkpoint a run started with `cfg` continues from, or None; and whether the config asked for it by
+    name (meta.load_checkpoint) rather than finding it in its logging.folder."""
+    meta, folder = cfg.meta, cfg.logging.folder
+    latest_path = os.path.join(folder, f'{cfg.logging.write_tag}-latest.pth.tar')
+    if resume_preempt and os.path.exists(latest_path):
+        return latest_path, False   # requeued after timeout/preemption: continue this run, not read_checkpoint
+    if meta.load_checkpoint:        # (requeued before the first checkpoint: start as the first job did)
+        return (os.path.join(folder, meta.read_checkpoint) if meta.read_checkpoint else latest_path), True
+    if meta.auto_resume and os.path.exists(latest_path):
+        return latest_path, False
+    return None, False
+
+
+# What a run trains: a checkpoint found in logging.folder whose config differs here belongs to another run. The other
+# keys (data, optimisation, logging, and these run-time ones) may change when a run is continued, with a warning.
+RUN_SECTIONS = ('meta.', 'mask.', 'dseq.')
+RUN_TIME_KEYS = ('meta.load_checkpoint', 'meta.read_checkpoint', 'meta.auto_resume', 'meta.copy_data',
+                 'meta.use_bfloat16', 'meta.bfloat16_on_cpu')
+
+
+def check_resume(cfg, path, by_name=False):
+    """Compare `cfg` with the config saved in the checkpoint `path` (ijepa's checkpoints have none). Raises
+    ConfigError when a checkpoint found in logging.folder was trained with other meta/mask/dseq keys (e.g. an
+    I-JEPA run's folder given to a DSeq-JEPA config, or another seed): continuing it would silently mix two runs.
+    Other changes, and any change to a checkpoint asked for by name, are logged as warnings."""
+    def flat(d, prefix=''):
+        items = {}
+        for k, v in d.items():
+            items.update(flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+        return items
+    stored = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('config')
+    if not stored:
+        return
+    old, new = flat(stored), flat(cfg.to_dict())
+    changed = [k for k in new if k in old and old[k] != new[k]]    # keys added since the checkpoint: not compared
+    other_run = [k for k in changed if k.startswith(RUN_SECTIONS) and k not in RUN_TIME_KEYS]
+    if other_run and not by_name:
+        raise ConfigError(
+            f'{path} is the checkpoint of another run (' + ', '.join(f'{k}: {old[k]!r} there, {new[k]!r} here'
+                                                                    for k in other_run) +
+            '): give this config its own logging.folder, or set meta.auto_resume: false to start over in this one')
+    if changed:
+        logger.warning(f'continuing {path} with changed keys: ' +
+                       ', '.join(f'{k}: {old[k]!r} -> {new[k]!r}' for k in changed))
+
+
 def preflight(cfg, check_data=True):
     """The start-up checks beyond the config's keys and types (SPEC section 7), for a launcher to run before it
-    starts processes or submits jobs: the masks can be drawn (the collator's own checks of the mask settings) and,
-    with `check_data`, the data set is where `data.root_path` says. Raises ConfigError."""
+    starts processes or submits jobs: the masks can be drawn (the collator's own checks of the mask settings), a
+    checkpoint in logging.folder that the run would continue is one of its own (`check_resume`) and, with
+    `check_data`, the data set is where `data.root_path` says. Raises ConfigError."""
     from src.datasets import missing_data
     from src.masks.multiblock import MaskSettingsError
     try:
         objective_class(cfg).make_collator(cfg)
     except MaskSettingsError as e:
         raise ConfigError(str(e)) from e
+    path, by_name = resume_path(cfg)
+    if path is not None and not by_name:
+        check_resume(cfg, path)
     problem = missing_data(cfg.data) if check_data else None
     if problem:
         raise ConfigError(problem)
@@ -183,13 +234,9 @@ def main(args, resume_preempt=False, device=None):
     log_file = os.path.join(folder, f'{tag}_r{rank}.csv')
     latest_path = os.path.join(folder, f'{tag}-latest.pth.tar')
     rank_latest_path = latest_path if rank == 0 else os.path.join(folder, f'{tag}-latest_r{rank}.pth.tar')
-    load_path = None
-    if resume_preempt and os.path.exists(latest_path):
-        load_path = latest_path     # requeued after timeout/preemption: continue this run, not read_checkpoint
-    elif meta.load_checkpoint:      # (requeued before the first checkpoint: start as the first job did)
-        load_path = os.path.join(folder, meta.read_checkpoint) if meta.read_checkpoint else latest_path
-    elif meta.auto_resume and os.path.exists(latest_path):
-        load_path = latest_path
+    load_path, by_name = resume_path(cfg, resume_preempt)
+    if load_path is not None and os.path.exists(load_path):       # (a missing named checkpoint fails below)
+        check_resume(cfg, load_path, by_name)                       # before this run writes into the folder
     if rank == 0:
         dump_config(cfg, os.path.join(folder, f'params-{tag}.yaml'))
 

@@ -340,6 +340,15 @@ def test_impossible_masks_and_missing_data_fail_at_start_up(tmp_path):
     proc = run('main.py', '--fname', missing_dataset_config(tmp_path), '--devices', 'cpu', timeout=50)
     assert proc.returncode != 0 and 'data.root_path' in proc.stderr and 'Running' not in proc.stdout
 
+    # a folder holding another run's checkpoint (here: I-JEPA's, for a DSeq-JEPA config)
+    from src.train import main as train_main
+    train_main(ddp_params(tmp_path / 'ab', **{'optimization.max_steps': 1}))
+    dseq = write_config(tmp_path / 'dseq.yaml', ddp_params(tmp_path / 'ab', **{'meta.method': 'dseq',
+                                                                                  'meta.use_cls_token': True}))
+    proc = run('main.py', '--fname', dseq, '--devices', 'cpu', timeout=50)
+    assert proc.returncode != 0 and "meta.method: 'ijepa' there, 'dseq' here" in proc.stderr, proc.stderr[-3000:]
+    assert 'Running' not in proc.stdout
+
     logs = tmp_path / 'submitit'
     proc = run('main_distributed.py', '--fname', impossible, '--folder', logs, '--cluster', 'local',
                '--tasks-per-node', 2, '--gpus-per-node', 0, '--wait', timeout=50)

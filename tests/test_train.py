@@ -161,3 +161,24 @@ def test_bfloat16_without_cuda_gets_a_disabled_scaler_and_resumes_on_an_enabled_
     enabled = torch.amp.GradScaler('cpu', init_scale=8.)
     load_checkpoint('cpu', path, encoder, predictor, encoder, optimizer, enabled)
     assert enabled.get_scale() == 8.                            # nothing to load: its own state is kept
+
+
+def test_a_checkpoint_of_another_run_in_the_folder_is_refused(tmp_path, caplog):
+    """A/B by switching one key, but in the same logging.folder: the run must not continue the other run's
+    checkpoint (with [CLS] on both, the weights would load without complaint)."""
+    from src.config import ConfigError
+    train_main(tiny_params(tmp_path, **{'optimization.max_steps': 2, 'meta.use_cls_token': True}))
+    names = ('jepa_r0.csv', 'params-jepa.yaml', 'jepa-latest.pth.tar')
+    before = {name: (tmp_path / name).read_bytes() for name in names}
+    for change, key in (({'meta.method': 'dseq'}, 'meta.method'), ({'meta.seed': 1}, 'meta.seed'),
+                        ({'mask.pred_mask_scale': [0.2, 0.3]}, 'mask.pred_mask_scale')):
+        with pytest.raises(ConfigError, match=f"another run \\({key}: "):
+            train_main(tiny_params(tmp_path, **{'optimization.max_steps': 4, 'meta.use_cls_token': True, **change}))
+    assert {name: (tmp_path / name).read_bytes() for name in names} == before      # nothing written
+    # the same run with a longer budget continues, saying what changed
+    out = train_main(tiny_params(tmp_path, **{'optimization.max_steps': 4, 'meta.use_cls_token': True}))
+    assert out['start_step'] == 2 and 'optimization.max_steps: 2 -> 4' in caplog.text
+    # meta.auto_resume: false starts over in the folder
+    out = train_main(tiny_params(tmp_path, **{'optimization.max_steps': 2, 'meta.use_cls_token': True,
+                                              'meta.method': 'dseq', 'meta.auto_resume': False}))
+    assert out['start_step'] == 0 and load(tmp_path / 'jepa-latest.pth.tar')['method'] == 'dseq'
