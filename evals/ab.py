@@ -29,9 +29,11 @@ def checkpoint_of(run, tag='jepa'):
 
 
 def checkpoint_step(run, tag='jepa'):
-    """The training step of a run's latest checkpoint (memory-mapped: the weights are not read)."""
-    import torch
-    return torch.load(checkpoint_of(run, tag), map_location='cpu', weights_only=True, mmap=True).get('step')
+    """The training step of a run's latest checkpoint (memory-mapped: the weights are not read); 'epoch N' for
+    ijepa's checkpoints, which record only the epoch."""
+    from src.helper import torch_load
+    checkpoint = torch_load(checkpoint_of(run, tag), mmap=True)
+    return checkpoint['step'] if 'step' in checkpoint else f'epoch {checkpoint.get("epoch")}'
 
 
 def run_results(run, fname, tag='jepa', device='cpu'):
@@ -115,7 +117,7 @@ def loss_csv(run, tag='jepa'):
 def read_losses(run, tag='jepa'):
     """(steps, losses) from the rank-0 training CSV of a run. A row's step is (epoch - 1) * I + itr, with I the
     largest itr in the file + 1: the iterations per epoch when each epoch's last step is logged, as this
-    repository's CSV logs every step (ijepa's logs every log_freq)."""
+    repository's and ijepa's CSVs log every step (a sparser log gives approximate steps)."""
     rows = []
     with open(loss_csv(run, tag)) as f:
         for r in csv.DictReader(f):

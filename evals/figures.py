@@ -98,7 +98,7 @@ def unnormalise(imgs, normalization):
     return (imgs.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def figure4(imgs, saliency, regions, is_rest, grid, normalization, path):
+def figure4(imgs, saliency, regions, is_rest, grid, patch_size, normalization, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -106,7 +106,7 @@ def figure4(imgs, saliency, regions, is_rest, grid, normalization, path):
     B, R, N = regions.shape
     gh, gw = grid
     pictures = unnormalise(imgs, normalization)
-    p = imgs.shape[-1] // gw                     # the grid covers gh * p x gw * p pixels (the rest is never seen)
+    p = patch_size                               # the grid covers gh * p x gw * p pixels (the rest is never seen)
     fig, axes = plt.subplots(B, 3, figsize=(6.6, 2.2 * B), squeeze=False)
     for b in range(B):
         axes[b, 0].imshow(pictures[b])
@@ -189,13 +189,16 @@ def make_figures(checkpoint, fname, out, num_images=8, which=None, device='cpu',
     dseq, mask, block = dseq_settings(checkpoint, encoder)
     # the step scores the patches with the target encoder, or the context encoder (dseq.saliency_encoder)
     scorer = 'encoder' if dseq.saliency_encoder == 'context' else 'target_encoder'
-    scoring = encoder if scorer == info['which'] else load(scorer)[0]
+    try:
+        scoring = encoder if scorer == info['which'] else load(scorer)[0]
+    except KeyError:                      # a checkpoint holding one encoder: it scores too
+        scoring = encoder
     features, saliency, regions, is_rest = regions_of(encoder, imgs.to(device), dseq, block, mask, scoring)
     p = encoder.patch_embed.patch_size
     grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
     os.makedirs(out, exist_ok=True)
     paths = (os.path.join(out, 'fig4_regions.png'), os.path.join(out, 'fig5_clusters.png'))
-    figure4(imgs, saliency.cpu(), regions.cpu(), is_rest.cpu(), grid, normalization, paths[0])
+    figure4(imgs, saliency.cpu(), regions.cpu(), is_rest.cpu(), grid, p, normalization, paths[0])
     figure5(imgs, kmeans(features.cpu(), k=4), grid, normalization, paths[1])
     return paths
 

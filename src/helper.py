@@ -25,16 +25,22 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
-def torch_load(path, map_location='cpu'):
-    """torch.load with weights_only=True, falling back (with a warning) for files holding other Python objects."""
+def torch_load(path, map_location='cpu', mmap=False):
+    """torch.load with weights_only=True, falling back (with a warning) for files holding other Python objects.
+    mmap: map the tensors instead of reading them (to look at a checkpoint's small entries), where the file's
+    format allows it (not torch's legacy one)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         logger.warning(f'{path} is not loadable with weights_only=True ({str(e).splitlines()[0]}); '
                        'loading it with weights_only=False: only do this for files you trust')
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        return torch_load(path, map_location)           # a legacy-format file: read it whole
 
 
 def load_checkpoint(

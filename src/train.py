@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from src.config import Config, ConfigError, dump_config, parse_config
 from src.datasets import make_dataset
 from src.datasets.loader import TrainLoader
-from src.helper import init_model, init_opt, load_checkpoint, save_checkpoint, unwrap
+from src.helper import init_model, init_opt, load_checkpoint, save_checkpoint, torch_load, unwrap
 from src.masks.utils import seed_from
 from src.objectives import make_objective, objective_class
 from src.transforms import make_transforms
@@ -182,12 +182,13 @@ def check_resume(cfg, path, by_name=False):
         for k, v in d.items():
             items.update(flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
         return items
-    stored = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('config')
+    stored = torch_load(path, mmap=True).get('config')
     if not stored:
         return
     old, new = flat(stored), flat(cfg.to_dict())
     changed = [k for k in new if k in old and old[k] != new[k]]    # keys added since the checkpoint: not compared
-    other_run = [k for k in changed if k.startswith(RUN_SECTIONS) and k not in RUN_TIME_KEYS]
+    sections = RUN_SECTIONS if cfg.meta.method == 'dseq' else tuple(s for s in RUN_SECTIONS if s != 'dseq.')
+    other_run = [k for k in changed if k.startswith(sections) and k not in RUN_TIME_KEYS]
     if other_run and not by_name:
         raise ConfigError(
             f'{path} is the checkpoint of another run (' + ', '.join(f'{k}: {old[k]!r} there, {new[k]!r} here'

@@ -317,6 +317,7 @@ def smallest_over_all_draws(H, W, scale, aspect_range):
     (7, 7, (0.45, 0.6), (0.93, 4.64)),                # r = 1 (never drawn) would give 2x6 = 12
     (9, 5, (0.3, 0.3), (0.2, 6.0)),
     (3, 40, (0.05, 1.0), (0.05, 0.05)),
+    (14, 14, (72 / 196, 72 / 196), (1.28 - 5e-13, 1.28 + 5e-13)),   # rounding moves its steps by thousands of draws
 ])
 def test_smallest_block_is_exact_over_all_draws(H, W, scale, aspect):
     from src.masks.multiblock import smallest_block

@@ -182,3 +182,12 @@ def test_a_checkpoint_of_another_run_in_the_folder_is_refused(tmp_path, caplog):
     out = train_main(tiny_params(tmp_path, **{'optimization.max_steps': 2, 'meta.use_cls_token': True,
                                               'meta.method': 'dseq', 'meta.auto_resume': False}))
     assert out['start_step'] == 0 and load(tmp_path / 'jepa-latest.pth.tar')['method'] == 'dseq'
+
+
+def test_resume_check_reads_legacy_checkpoints_and_ignores_unused_dseq_keys(tmp_path, caplog):
+    train_main(tiny_params(tmp_path, **{'optimization.max_steps': 2}))
+    path = tmp_path / 'jepa-latest.pth.tar'
+    torch.save(load(path), path, _use_new_zipfile_serialization=False)     # torch's legacy format: no mmap
+    # an I-JEPA run does not read the dseq section: changing it is the same run
+    out = train_main(tiny_params(tmp_path, **{'optimization.max_steps': 4, 'dseq.num_regions': 3}))
+    assert out['start_step'] == 2 and 'dseq.num_regions: 5 -> 3' in caplog.text

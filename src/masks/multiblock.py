@@ -59,9 +59,14 @@ def smallest_block(height, width, scale, aspect_ratio):
     value torch.rand can draw. The block size is a step function of the draw r. It changes only where the kept
     count int(H * W * scale(r)) crosses an integer m, and, while it is m, where sqrt(m * aspect(r)) or
     sqrt(m / aspect(r)) crosses k + 1/2. Every step holds a draw next to one of those points (or r = 0), so the
-    draws two either side of each point, which also absorb the point's own rounding, cover them all."""
+    draws a few either side of each point, enough to absorb the rounding of scale(r) and aspect(r), cover them
+    all. Ranges so narrow that the rounding spans many draws, or grids with very many points, take all 2^24."""
     import numpy as np
     (min_s, max_s), (min_ar, max_ar) = scale, aspect_ratio
+    top = 2 ** _RAND_BITS
+    # how far rounding can move a point, in draws: a few ulps of scale(r) or aspect(r) over the range's width
+    spread = 2 + int(top * 16 * np.finfo(np.float64).eps *
+                     max([hi / (hi - lo) for lo, hi in (scale, aspect_ratio) if hi > lo], default=0))
     area = height * width
     m = np.arange(max(1, int(area * min_s)), int(area * max_s) + 1, dtype=np.float64)    # kept counts (0: none)
     points = [np.zeros(1)]
@@ -77,13 +82,24 @@ def smallest_block(height, width, scale, aspect_ratio):
                                         (np.sqrt(m / a_hi), np.sqrt(m / a_lo), lambda x: m[:, None] / x ** 2)):
             k = np.floor(first - .5) - 1                                # one spare k either side
             count = (np.floor(last - .5) + 2 - k).astype(np.int64)
+            if len(m) * count.max() * (2 * spread + 1) > top // 4:
+                return _smallest_over_all_draws(height, width, scale, aspect_ratio)
             half = k[:, None] + np.arange(count.max()) + .5
             a = to_aspect(half)[(np.arange(count.max()) < count[:, None]) & (half > 0)]
             points.append((a[(a >= min_ar) & (a <= max_ar)] - min_ar) / (max_ar - min_ar))
-    top = 2 ** _RAND_BITS
-    k = np.floor(np.concatenate(points) * top)
-    k = np.unique(np.clip(k[:, None] + np.arange(-2, 3), 0, top - 1))
+    points = np.concatenate(points)
+    if len(points) * (2 * spread + 1) > top // 4:
+        return _smallest_over_all_draws(height, width, scale, aspect_ratio)
+    k = np.unique(np.clip(np.floor(points * top)[:, None] + np.arange(-spread, spread + 1), 0, top - 1))
     return int(_block_areas(height, width, scale, aspect_ratio, k / top).min())
+
+
+def _smallest_over_all_draws(height, width, scale, aspect_ratio, chunk=2 ** 21):
+    """smallest_block by brute force, in chunks (0.2-0.4 s)."""
+    import numpy as np
+    top = 2 ** _RAND_BITS
+    return int(min(_block_areas(height, width, scale, aspect_ratio, np.arange(i, i + chunk) / top).min()
+                   for i in range(0, top, chunk)))
 
 
 def check_block_settings(grid_size, patch_size, aspect_ratio, **scales):
