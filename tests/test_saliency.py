@@ -473,6 +473,11 @@ def test_lambda_rises_linearly_over_total_steps():
     full = make_collator(lambda_start=0., lambda_end=1.)
     full.set_total_steps(10)
     assert [round(draw(full, s)['lambda'].item(), 6) for s in range(12)] == [min(1., s / 10) for s in range(12)]
+    # a rising curriculum of unknown length refuses to draw (a default length would put the run at one end)
+    with pytest.raises(RuntimeError, match='set_total_steps'):
+        draw(make_collator(lambda_start=0., lambda_end=1., total_steps=None), 5)
+    assert draw(make_collator(lambda_start=0.4, lambda_end=0.4, total_steps=None), 5)['lambda'].item() == \
+        pytest.approx(0.4)
 
 
 @pytest.mark.parametrize('lam', [0.3, 0.8])

@@ -226,7 +226,7 @@ class DSeqCollator(BatchCounter):
     """
 
     def __init__(self, input_size, patch_size, num_regions, box_scale, box_aspect_ratio, lambda_start=0.,
-                 lambda_end=1., curriculum='per_region', regions='components', num_candidates=0, total_steps=1,
+                 lambda_end=1., curriculum='per_region', regions='components', num_candidates=0, total_steps=None,
                  seed=0, rank=0):
         super().__init__(deterministic=True)
         size = input_size if isinstance(input_size, (tuple, list)) else (input_size, input_size)
@@ -247,6 +247,11 @@ class DSeqCollator(BatchCounter):
         self.total_steps = max(1, int(total_steps))
 
     def lambda_at(self, step):
+        if self.lambda_start == self.lambda_end:
+            return self.lambda_end
+        if self.total_steps is None:       # a default would silently put the whole run at one end of the curriculum
+            raise RuntimeError('DSeqCollator: the curriculum needs its length: pass total_steps or call '
+                               'set_total_steps before drawing')
         return self.lambda_start + (self.lambda_end - self.lambda_start) * min(1., step / self.total_steps)
 
     def __call__(self, batch):
