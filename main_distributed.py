@@ -156,11 +156,17 @@ def validate(fnames):
     from src.config import ConfigError, load_config
     from src.datasets import missing_data
     from src.train import preflight
+    outputs = {}                  # (logging.folder, write_tag) -> the config writing there
     for fname in fnames:
         try:
             cfg = load_config(fname)
         except ConfigError as e:
             raise SystemExit(f'error: {e}')
+        where = (os.path.realpath(cfg.logging.folder), cfg.logging.write_tag)
+        if where in outputs:      # the jobs run at once: one CSV, one checkpoint, two runs
+            raise SystemExit(f'error: {outputs[where]} and {fname} both write to logging.folder={cfg.logging.folder} '
+                             f'(write_tag {cfg.logging.write_tag}): give each its own folder')
+        outputs[where] = fname
         try:
             preflight(cfg, check_data=False)
         except ConfigError as e:

@@ -28,12 +28,13 @@ def checkpoint_of(run, tag='jepa'):
     return os.path.join(run, f'{tag}-latest.pth.tar')
 
 
-def checkpoint_step(run, tag='jepa'):
+def checkpoint_step(run, tag='jepa', with_seed=False):
     """The training step of a run's latest checkpoint (memory-mapped: the weights are not read); 'epoch N' for
-    ijepa's checkpoints, which record only the epoch."""
+    ijepa's checkpoints, which record only the epoch. with_seed: (step, the run's meta.seed or None)."""
     from src.helper import torch_load
     checkpoint = torch_load(checkpoint_of(run, tag), mmap=True)
-    return checkpoint['step'] if 'step' in checkpoint else f'epoch {checkpoint.get("epoch")}'
+    step = checkpoint['step'] if 'step' in checkpoint else f'epoch {checkpoint.get("epoch")}'
+    return (step, (checkpoint.get('config') or {}).get('meta', {}).get('seed')) if with_seed else step
 
 
 def run_results(run, fname, tag='jepa', device='cpu'):
@@ -83,8 +84,8 @@ def compare(groups):
                 if se2 > 0 and not math.isnan(se2):
                     df = se2 ** 2 / ((va / len(ref)) ** 2 / (len(ref) - 1) + (vb / len(x)) ** 2 / (len(x) - 1))
                     half = t_quantile(df) * math.sqrt(se2)
-                else:
-                    half = float('nan') if math.isnan(se2) else 0.
+                else:     # no spread within either group (e.g. identical runs): no interval to give
+                    half = float('nan')
                 row.update(diff=diff, ci_low=diff - half, ci_high=diff + half)
             rows.append(row)
     return rows
@@ -188,7 +189,20 @@ def main(argv=None):
         for path, what in ((checkpoint_of(run), 'is it a training folder?'), (loss_csv(run), 'the training log')):
             if not os.path.isfile(path):
                 raise SystemExit(f'error: {run}: no {os.path.basename(path)} ({what})')
-    steps = {name: sorted({checkpoint_step(r) for r in folders}, key=str) for name, folders in runs.items()}
+    where = {}
+    for name, folders in runs.items():
+        for run in folders:
+            if os.path.realpath(run) in where:
+                raise SystemExit(f'error: {run} is given twice ({where[os.path.realpath(run)]} and {name}): '
+                                 'each seed is one run folder')
+            where[os.path.realpath(run)] = name
+    facts = {name: [checkpoint_step(r, with_seed=True) for r in folders] for name, folders in runs.items()}
+    steps = {name: sorted({step for step, _ in found}, key=str) for name, found in facts.items()}
+    for name, found in facts.items():   # this repository's runs are reproducible: one seed twice is one run twice
+        seeds = [seed for _, seed in found if seed is not None]
+        if len(set(seeds)) < len(seeds):
+            logger.warning(f'group {name}: runs share meta.seed ({seeds}); identical configs train identical '
+                           'runs, which are not independent seeds')
     for name, found in steps.items():    # seeds of one group averaged together must have trained as long
         if len(found) > 1:
             raise SystemExit(f'error: group {name} mixes checkpoints of different training steps {found}: give runs '

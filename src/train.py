@@ -165,38 +165,45 @@ def resume_path(cfg, resume_preempt=False):
     return None, False
 
 
-# What a run trains: a checkpoint found in logging.folder whose config differs here belongs to another run. The other
-# keys (data, optimisation, logging, and these run-time ones) may change when a run is continued, with a warning.
-RUN_SECTIONS = ('meta.', 'mask.', 'dseq.')
-RUN_TIME_KEYS = ('meta.load_checkpoint', 'meta.read_checkpoint', 'meta.auto_resume', 'meta.copy_data',
-                 'meta.use_bfloat16', 'meta.bfloat16_on_cpu')
+# The keys a run may change when it continues (a checkpoint in its logging.folder): how long it trains, where and how
+# it runs, what it logs and evaluates. A change to any other key (method, model, seed, masks, DSeq-JEPA, data,
+# optimisation) makes it another run, whose results would be filed under this one's weights.
+CONTINUE_KEYS = ('meta.load_checkpoint', 'meta.read_checkpoint', 'meta.auto_resume', 'meta.copy_data',
+                 'meta.use_bfloat16', 'meta.bfloat16_on_cpu', 'optimization.epochs', 'optimization.max_steps',
+                 'data.batch_size', 'data.num_workers', 'data.pin_mem', 'data.root_path', 'logging.', 'evaluation.')
 
 
-def check_resume(cfg, path, by_name=False):
+def check_resume(cfg, path, by_name=False, world_size=None, warn=True):
     """Compare `cfg` with the config saved in the checkpoint `path` (ijepa's checkpoints have none). Raises
-    ConfigError when a checkpoint found in logging.folder was trained with other meta/mask/dseq keys (e.g. an
-    I-JEPA run's folder given to a DSeq-JEPA config, or another seed): continuing it would silently mix two runs.
-    Other changes, and any change to a checkpoint asked for by name, are logged as warnings."""
+    ConfigError when a checkpoint found in logging.folder was trained with keys outside CONTINUE_KEYS (e.g. an
+    I-JEPA run's folder given to a DSeq-JEPA config, another seed or another learning rate): continuing it would
+    silently mix two runs. With `warn`, logs the allowed changes (and any change to a checkpoint asked for by name,
+    meta.load_checkpoint), and a change of world size, which changes the iterations per epoch and so the schedules."""
     def flat(d, prefix=''):
         items = {}
         for k, v in d.items():
             items.update(flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
         return items
-    stored = torch_load(path, mmap=True).get('config')
+    checkpoint = torch_load(path, mmap=True)
+    stored = checkpoint.get('config')
     if not stored:
         return
     old, new = flat(stored), flat(cfg.to_dict())
     changed = [k for k in new if k in old and old[k] != new[k]]    # keys added since the checkpoint: not compared
-    sections = RUN_SECTIONS if cfg.meta.method == 'dseq' else tuple(s for s in RUN_SECTIONS if s != 'dseq.')
-    other_run = [k for k in changed if k.startswith(sections) and k not in RUN_TIME_KEYS]
+    other_run = [k for k in changed if not k.startswith(CONTINUE_KEYS)
+                 and not (k.startswith('dseq.') and cfg.meta.method != 'dseq')]   # (I-JEPA ignores dseq keys)
     if other_run and not by_name:
         raise ConfigError(
             f'{path} is the checkpoint of another run (' + ', '.join(f'{k}: {old[k]!r} there, {new[k]!r} here'
                                                                     for k in other_run) +
             '): give this config its own logging.folder, or set meta.auto_resume: false to start over in this one')
-    if changed:
+    if warn and changed:
         logger.warning(f'continuing {path} with changed keys: ' +
                        ', '.join(f'{k}: {old[k]!r} -> {new[k]!r}' for k in changed))
+    stored_world = checkpoint.get('world_size')
+    if warn and world_size is not None and stored_world is not None and stored_world != world_size:
+        logger.warning(f'continuing {path}, trained on {stored_world} processes, on {world_size}: the iterations per '
+                       'epoch change, and with them the schedules (lr, wd, EMA, the curriculum) from this step on')
 
 
 def preflight(cfg, check_data=True):
@@ -212,7 +219,7 @@ def preflight(cfg, check_data=True):
         raise ConfigError(str(e)) from e
     path, by_name = resume_path(cfg)
     if path is not None and not by_name:
-        check_resume(cfg, path)
+        check_resume(cfg, path, warn=False)           # the run itself says what it continues with
     problem = missing_data(cfg.data) if check_data else None
     if problem:
         raise ConfigError(problem)
@@ -237,7 +244,7 @@ def main(args, resume_preempt=False, device=None):
     rank_latest_path = latest_path if rank == 0 else os.path.join(folder, f'{tag}-latest_r{rank}.pth.tar')
     load_path, by_name = resume_path(cfg, resume_preempt)
     if load_path is not None and os.path.exists(load_path):       # (a missing named checkpoint fails below)
-        check_resume(cfg, load_path, by_name)                       # before this run writes into the folder
+        check_resume(cfg, load_path, by_name, world_size)          # before this run writes into the folder
     if rank == 0:
         dump_config(cfg, os.path.join(folder, f'params-{tag}.yaml'))
 

@@ -427,6 +427,9 @@ def test_ab_command_writes_table_and_plot_and_reuses_results(tmp_path, monkeypat
     assert main(args) == 0
     with pytest.raises(SystemExit, match='at least two'):
         main(['--fname', eval_config, '--group', 'ijepa', *runs['ijepa'], '--out', str(tmp_path / 'r2')])
+    with pytest.raises(SystemExit, match='is given twice'):
+        main(['--fname', eval_config, '--group', 'ijepa', runs['ijepa'][0], runs['ijepa'][0], '--group', 'dseq',
+              *runs['dseq'], '--out', str(tmp_path / 'r6')])
     with pytest.raises(SystemExit, match="two groups are named 'dseq'"):
         main(['--fname', eval_config, '--group', 'dseq', runs['dseq'][0], '--group', 'dseq', runs['dseq'][1],
               '--out', str(tmp_path / 'r3')])

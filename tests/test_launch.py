@@ -310,6 +310,13 @@ def test_misspelled_key_fails_at_start_up(tmp_path):
     assert proc.returncode != 0
     assert 'optimization.max_step' in proc.stderr and str(fname) in proc.stderr
     assert not logs.exists() and not (tmp_path / 'out2').exists()
+    # two configs writing to one folder would run at once into one CSV and one checkpoint
+    twin = write_config(tmp_path / 'twin.yaml', ddp_params(tmp_path / 'out2', **{'meta.seed': 1}))
+    batch.write_text(f'- {good}\n- {twin}\n')
+    proc = run('main_distributed.py', '--batch-launch', '--fname', batch, '--folder', logs, '--cluster', 'local',
+               '--gpus-per-node', 0, timeout=50)
+    assert proc.returncode != 0 and 'both write to logging.folder' in proc.stderr, proc.stderr[-2000:]
+    assert not logs.exists()
 
 
 @pytest.mark.timeout(60)

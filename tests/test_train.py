@@ -171,7 +171,9 @@ def test_a_checkpoint_of_another_run_in_the_folder_is_refused(tmp_path, caplog):
     names = ('jepa_r0.csv', 'params-jepa.yaml', 'jepa-latest.pth.tar')
     before = {name: (tmp_path / name).read_bytes() for name in names}
     for change, key in (({'meta.method': 'dseq'}, 'meta.method'), ({'meta.seed': 1}, 'meta.seed'),
-                        ({'mask.pred_mask_scale': [0.2, 0.3]}, 'mask.pred_mask_scale')):
+                        ({'mask.pred_mask_scale': [0.2, 0.3]}, 'mask.pred_mask_scale'),
+                        ({'optimization.lr': 0.01}, 'optimization.lr'),
+                        ({'data.limit_images': 32}, 'data.limit_images')):
         with pytest.raises(ConfigError, match=f"another run \\({key}: "):
             train_main(tiny_params(tmp_path, **{'optimization.max_steps': 4, 'meta.use_cls_token': True, **change}))
     assert {name: (tmp_path / name).read_bytes() for name in names} == before      # nothing written
