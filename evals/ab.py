@@ -25,16 +25,17 @@ logger = logging.getLogger()
 
 
 def checkpoint_of(run, tag='jepa'):
-    return os.path.join(run, f'{tag}-latest.pth.tar')
+    from src.helper import latest_checkpoint
+    return latest_checkpoint(run, tag)
 
 
-def checkpoint_step(run, tag='jepa', with_seed=False):
-    """The training step of a run's latest checkpoint (memory-mapped: the weights are not read); 'epoch N' for
-    ijepa's checkpoints, which record only the epoch. with_seed: (step, the run's meta.seed or None)."""
+def step_and_seed(run, tag='jepa'):
+    """(training step, meta.seed or None) of a run's latest checkpoint, memory-mapped (the weights are not read);
+    the step is 'epoch N' for ijepa's checkpoints, which record only the epoch."""
     from src.helper import torch_load
     checkpoint = torch_load(checkpoint_of(run, tag), mmap=True)
     step = checkpoint['step'] if 'step' in checkpoint else f'epoch {checkpoint.get("epoch")}'
-    return (step, (checkpoint.get('config') or {}).get('meta', {}).get('seed')) if with_seed else step
+    return step, (checkpoint.get('config') or {}).get('meta', {}).get('seed')
 
 
 def run_results(run, fname, tag='jepa', device='cpu'):
@@ -196,7 +197,7 @@ def main(argv=None):
                 raise SystemExit(f'error: {run} is given twice ({where[os.path.realpath(run)]} and {name}): '
                                  'each seed is one run folder')
             where[os.path.realpath(run)] = name
-    facts = {name: [checkpoint_step(r, with_seed=True) for r in folders] for name, folders in runs.items()}
+    facts = {name: [step_and_seed(r) for r in folders] for name, folders in runs.items()}
     steps = {name: sorted({step for step, _ in found}, key=str) for name, found in facts.items()}
     for name, found in facts.items():   # this repository's runs are reproducible: one seed twice is one run twice
         seeds = [seed for _, seed in found if seed is not None]

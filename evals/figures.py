@@ -35,7 +35,7 @@ def dseq_settings(checkpoint, encoder):
     from src.config import DSeqConfig, MaskConfig, build_section
     from src.helper import torch_load
     from src.objectives.dseq import default_saliency_block
-    stored = (torch_load(checkpoint).get('config') or {}) if checkpoint else {}
+    stored = (torch_load(checkpoint, mmap=True).get('config') or {}) if checkpoint else {}
     cfg = build_section(DSeqConfig, stored.get('dseq', {}), 'dseq.')
     mask = build_section(MaskConfig, stored.get('mask', {}), 'mask.')
     if encoder.cls_token is None and cfg.saliency != 'column_mean':
@@ -55,9 +55,10 @@ def regions_of(encoder, imgs, cfg, block, mask=None, saliency_encoder=None):
     from src.masks.saliency import DSeqCollator
     from src.objectives.dseq import make_regions, saliency_from, truncate_sequence
     mask = mask or MaskConfig()
-    features, saliency = saliency_from(encoder, imgs, cfg, block)
-    if saliency_encoder is not None and saliency_encoder is not encoder:
-        _, saliency = saliency_from(saliency_encoder, imgs, cfg, block)
+    if saliency_encoder is None or saliency_encoder is encoder:
+        features, saliency = saliency_from(encoder, imgs, cfg, block)
+    else:                                       # features of one encoder, scores of the other
+        features, (_, saliency) = encoder(imgs), saliency_from(saliency_encoder, imgs, cfg, block)
     p = encoder.patch_embed.patch_size
     grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)        # the input's grid (any resolution)
     B = imgs.shape[0]

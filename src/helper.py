@@ -79,6 +79,11 @@ def load_checkpoint(
     return encoder, predictor, target_encoder, opt, scaler, epoch
 
 
+def latest_checkpoint(folder, tag='jepa'):
+    """The checkpoint a run refreshes as it trains, and resumes from: {folder}/{tag}-latest.pth.tar."""
+    return os.path.join(folder, f'{tag}-latest.pth.tar')
+
+
 def save_checkpoint(path, state):
     """Write `state` atomically: a temporary file in the same folder, then a rename over `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

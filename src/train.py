@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from src.config import Config, ConfigError, dump_config, parse_config
 from src.datasets import make_dataset
 from src.datasets.loader import TrainLoader
-from src.helper import init_model, init_opt, load_checkpoint, save_checkpoint, torch_load, unwrap
+from src.helper import init_model, init_opt, latest_checkpoint, load_checkpoint, save_checkpoint, torch_load, unwrap
 from src.masks.utils import seed_from
 from src.objectives import make_objective, objective_class
 from src.transforms import make_transforms
@@ -155,7 +155,7 @@ def resume_path(cfg, resume_preempt=False):
     """The checkpoint a run started with `cfg` continues from, or None; and whether the config asked for it by
     name (meta.load_checkpoint) rather than finding it in its logging.folder."""
     meta, folder = cfg.meta, cfg.logging.folder
-    latest_path = os.path.join(folder, f'{cfg.logging.write_tag}-latest.pth.tar')
+    latest_path = latest_checkpoint(folder, cfg.logging.write_tag)
     if resume_preempt and os.path.exists(latest_path):
         return latest_path, False   # requeued after timeout/preemption: continue this run, not read_checkpoint
     if meta.load_checkpoint:        # (requeued before the first checkpoint: start as the first job did)
@@ -240,7 +240,7 @@ def main(args, resume_preempt=False, device=None):
     folder, tag = log_cfg.folder, log_cfg.write_tag
     os.makedirs(folder, exist_ok=True)
     log_file = os.path.join(folder, f'{tag}_r{rank}.csv')
-    latest_path = os.path.join(folder, f'{tag}-latest.pth.tar')
+    latest_path = latest_checkpoint(folder, tag)
     rank_latest_path = latest_path if rank == 0 else os.path.join(folder, f'{tag}-latest_r{rank}.pth.tar')
     load_path, by_name = resume_path(cfg, resume_preempt)
     if load_path is not None and os.path.exists(load_path):       # (a missing named checkpoint fails below)

@@ -448,14 +448,14 @@ def test_ab_command_writes_table_and_plot_and_reuses_results(tmp_path, monkeypat
     assert not (tmp_path / 'r5').exists()
 
 
-def test_ab_checkpoint_step_of_legacy_and_ijepa_checkpoints(tmp_path, trained_runs):
-    from evals.ab import checkpoint_step
+def test_ab_step_of_legacy_and_ijepa_checkpoints(tmp_path, trained_runs):
+    from evals.ab import step_and_seed
     checkpoint = torch.load(trained_runs['ijepa'], weights_only=True)
     torch.save(checkpoint, tmp_path / 'jepa-latest.pth.tar', _use_new_zipfile_serialization=False)
-    assert checkpoint_step(str(tmp_path)) == 2
+    assert step_and_seed(str(tmp_path))[0] == 2
     del checkpoint['step']                                  # ijepa's checkpoints record the epoch only
     torch.save(checkpoint, tmp_path / 'jepa-latest.pth.tar')
-    assert checkpoint_step(str(tmp_path)) == f'epoch {checkpoint["epoch"]}'
+    assert step_and_seed(str(tmp_path))[0] == f'epoch {checkpoint["epoch"]}'
 
 
 def test_ab_loss_steps_come_from_the_csvs_epoch_and_itr(tmp_path):
