@@ -395,6 +395,9 @@ def test_ab_statistics_equal_scipys_welch_test():
     ci = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
     assert math.isclose(rb['diff'], np.mean(b) - np.mean(a))
     assert math.isclose(rb['ci_low'], ci.low, rel_tol=1e-9) and math.isclose(rb['ci_high'], ci.high, rel_tol=1e-9)
+    # no spread in either group (identical runs): no interval, rather than one of zero width
+    same = compare({'A': {'linear': [70., 70.]}, 'B': {'linear': [71., 71.]}})[1]
+    assert same['diff'] == 1. and math.isnan(same['ci_low']) and math.isnan(same['ci_high'])
 
 
 def test_ab_command_writes_table_and_plot_and_reuses_results(tmp_path, monkeypatch):
@@ -612,6 +615,18 @@ def test_a_requested_crop_size_sets_the_resolution_not_the_weights(trained_runs)
     encoder, info = load_encoder(trained_runs['ijepa'], crop_size=48)
     assert info['crop_size'] == 48
     assert encoder(torch.randn(1, 3, 48, 48)).shape == (1, 36, 32)   # position embedding interpolated
+
+
+def test_figures_follow_the_eval_configs_encoder_and_crop_size(tmp_path, trained_runs, monkeypatch):
+    import src.helper
+    calls = []
+    real = src.helper.load_encoder
+    monkeypatch.setattr(src.helper, 'load_encoder', lambda *a, **k: calls.append(k) or real(*a, **k))
+    from evals.figures import make_figures
+    config = folder_eval_config(tmp_path, ['knn'], pretrain={'which': 'encoder', 'crop_size': 32})
+    make_figures(trained_runs['dseq'], config, str(tmp_path / 'f'), num_images=2)
+    # Figure 5's features from pretrain.which; the saliency from the encoder the step used (the target encoder)
+    assert [(k['which'], k['crop_size']) for k in calls] == [('encoder', 32), ('target_encoder', 32)]
 
 
 @pytest.mark.parametrize('flags,message', [(['--start', '-3'], 'at least 0'), (['--num-images', '0'], 'at least 1'),
