@@ -388,6 +388,43 @@ def test_select_regions_off_the_cpu_reads_nothing_from_the_device(grid, num_regi
     assert out.device.type == 'meta' and out.dtype == torch.bool and out.shape == (4, num_regions, N)
 
 
+def test_component_rounds_run_on_one_thread_and_restore_the_count(monkeypatch):
+    """On the CPU the rounds of a small label buffer run with one intra-op thread; the caller's thread count is
+    restored afterwards, also when a round raises. A buffer above the limit keeps the caller's count."""
+    from src.masks import saliency
+    if not saliency._OPENMP:
+        pytest.skip('the thread count is only changed with the OpenMP backend')
+    seen = []
+    real_minimum = torch.minimum
+
+    def recording_minimum(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_minimum(*args, **kwargs)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(saliency.torch, 'minimum', recording_minimum)
+        fg = torch.rand(4, 64, generator=torch.Generator().manual_seed(0)) < 0.5
+        expected = torch.stack([ref_first_patch_labels(f, (8, 8)) for f in fg])
+        assert torch.equal(connected_components(fg, (8, 8)), expected)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(saliency, 'SINGLE_THREAD_ENTRIES', 0)          # every buffer counts as large
+        connected_components(fg, (8, 8))
+        assert seen and set(seen) == {2}
+        monkeypatch.setattr(saliency, 'SINGLE_THREAD_ENTRIES', 1 << 17)
+
+        def failing_minimum(*args, **kwargs):
+            raise RuntimeError('round failed')
+        monkeypatch.setattr(saliency.torch, 'minimum', failing_minimum)
+        with pytest.raises(RuntimeError, match='round failed'):
+            connected_components(fg, (8, 8))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_regions_are_an_ordinary_tensor_for_the_caller():
     """select_regions computes in inference mode but hands back an ordinary tensor: the caller can modify it in
     place and use it in ops that autograd records (both fail on an inference tensor outside inference mode)."""
