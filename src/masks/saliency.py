@@ -9,7 +9,9 @@
 # Dimensions: B batch, N patches (gh * gw, raster order), R regions (num_regions), D width.
 
 import contextlib
+import functools
 import math
+import time
 
 import torch
 
@@ -77,16 +79,28 @@ def otsu_threshold(u):
 # and a second thread's wake-up costs more than it saves (B = 256 on a 14x14 grid, 57,600 entries: 25 rounds in
 # ~210 us on one thread against ~290 us on two; from ~150,000 entries two threads win)
 SINGLE_THREAD_ENTRIES = 1 << 17
-_OPENMP = 'parallel backend: OpenMP' in torch.__config__.parallel_info()
+
+
+@functools.cache
+def _thread_count_switch_is_cheap():
+    """Whether setting torch's intra-op thread count back and forth costs next to nothing, as with the OpenMP
+    backend of the usual CPU builds (~0.2 us here). Builds whose setting rebuilds a thread pool (pthreadpool) or
+    refuses it once work has started (the native backend) keep their count. Measured once per process."""
+    if 'parallel backend: OpenMP' not in torch.__config__.parallel_info():
+        return False
+    threads = torch.get_num_threads()                                     # > 1: callers ask only then
+    start = time.perf_counter()
+    for _ in range(3):
+        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
+    return (time.perf_counter() - start) / 3 < 20e-6
 
 
 @contextlib.contextmanager
 def _one_intra_op_thread(enabled):
-    """Run the body with torch's intra-op thread count at 1, then restore it. Only with the OpenMP backend (the
-    usual CPU build), where setting the count is a cheap per-call setting; the native backend refuses to change it
-    once work has started, so there the body runs unchanged."""
+    """Run the body with torch's intra-op thread count at 1, then restore it (where switching is cheap)."""
     threads = torch.get_num_threads()
-    if not enabled or threads == 1 or not _OPENMP:
+    if not enabled or threads == 1 or not _thread_count_switch_is_cheap():
         yield
         return
     torch.set_num_threads(1)
