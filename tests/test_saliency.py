@@ -389,10 +389,11 @@ def test_select_regions_off_the_cpu_reads_nothing_from_the_device(grid, num_regi
 
 
 def test_component_rounds_run_on_one_thread_and_restore_the_count(monkeypatch):
-    """On the CPU the rounds of a small label buffer run with one intra-op thread; the caller's thread count is
-    restored afterwards, also when a round raises. A buffer above the limit keeps the caller's count."""
+    """On the CPU the rounds of a small label buffer run with one intra-op thread; the caller's thread count (3
+    here, not this machine's default) is restored afterwards, also when a round raises. A buffer above the limit,
+    and a buffer off the CPU, keep the caller's count."""
     from src.masks import saliency
-    seen = []
+    seen = []                                     # the thread count at each torch.minimum (two per round)
     real_minimum = torch.minimum
 
     def recording_minimum(*args, **kwargs):
@@ -400,27 +401,31 @@ def test_component_rounds_run_on_one_thread_and_restore_the_count(monkeypatch):
         return real_minimum(*args, **kwargs)
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(3)
     try:
         if not saliency._thread_count_switch_is_cheap():
             pytest.skip('this build changes the thread count only at a cost: select_regions keeps it')
-        monkeypatch.setattr(saliency.torch, 'minimum', recording_minimum)
+        monkeypatch.setattr(torch, 'minimum', recording_minimum)            # process-wide, undone at the end
         fg = torch.rand(4, 64, generator=torch.Generator().manual_seed(0)) < 0.5
         expected = torch.stack([ref_first_patch_labels(f, (8, 8)) for f in fg])
         assert torch.equal(connected_components(fg, (8, 8)), expected)
-        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 3
         seen.clear()
+        connected_components(fg.to('meta'), (8, 8))                       # off the CPU: no switch
+        assert seen and set(seen) == {3}
+        seen.clear()
+        limit = saliency.SINGLE_THREAD_ENTRIES
         monkeypatch.setattr(saliency, 'SINGLE_THREAD_ENTRIES', 0)          # every buffer counts as large
         connected_components(fg, (8, 8))
-        assert seen and set(seen) == {2}
-        monkeypatch.setattr(saliency, 'SINGLE_THREAD_ENTRIES', 1 << 17)
+        assert seen and set(seen) == {3}
+        monkeypatch.setattr(saliency, 'SINGLE_THREAD_ENTRIES', limit)
 
         def failing_minimum(*args, **kwargs):
             raise RuntimeError('round failed')
-        monkeypatch.setattr(saliency.torch, 'minimum', failing_minimum)
+        monkeypatch.setattr(torch, 'minimum', failing_minimum)
         with pytest.raises(RuntimeError, match='round failed'):
             connected_components(fg, (8, 8))
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
 

@@ -69,8 +69,8 @@ def otsu_threshold(u):
     n1n2 = (N - n1).mul_(n1).clamp_min_(1).double()
     sigma = diff.square_().div_(n1n2).view(torch.int64)                   # N^2 * between-class variance
     # first maximum (0 if all are 0). sigma >= +0 and not NaN, and such doubles order as their bit patterns read as
-    # int64. The maximum, then the first position equal to it, is ~20% faster on the CPU than argmax, whose
-    # per-element branch mispredicts on these rising-then-falling rows
+    # int64. The maximum, then the first position equal to it: ~20% faster than argmax on one CPU thread (argmax's
+    # per-element branch mispredicts on these rising-then-falling rows), the same on two
     top = sigma.amax(dim=1, keepdim=True)
     return torch.eq(sigma, top).view(torch.uint8).argmax(dim=1)
 
@@ -84,8 +84,8 @@ SINGLE_THREAD_ENTRIES = 1 << 17
 @functools.cache
 def _thread_count_switch_is_cheap():
     """Whether setting torch's intra-op thread count back and forth costs next to nothing, as with the OpenMP
-    backend of the usual CPU builds (~0.2 us here). Builds whose setting rebuilds a thread pool (pthreadpool) or
-    refuses it once work has started (the native backend) keep their count. Measured once per process."""
+    backend of the usual CPU builds (~0.2 us a switch here). Other backends (the native one refuses a change once
+    work has started) and builds where a switch is slow keep their count. Measured once per process."""
     if 'parallel backend: OpenMP' not in torch.__config__.parallel_info():
         return False
     threads = torch.get_num_threads()                                     # > 1: callers ask only then
@@ -100,7 +100,9 @@ def _thread_count_switch_is_cheap():
 
 @contextlib.contextmanager
 def _one_intra_op_thread(enabled):
-    """Run the body with torch's intra-op thread count at 1, then restore it (where switching is cheap)."""
+    """Run the body with torch's intra-op thread count at 1, then restore it (where switching is cheap). The count
+    is process-wide: another thread that starts its first parallel op meanwhile keeps 1 thread (no such thread runs
+    torch ops during a training step here: the pin-memory thread sets 1 itself and backward runs on the caller)."""
     threads = torch.get_num_threads()
     if not enabled or threads == 1 or not _thread_count_switch_is_cheap():
         yield
