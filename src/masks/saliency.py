@@ -76,8 +76,8 @@ def otsu_threshold(u):
 
 
 # Below this many label entries the rounds of `_component_ids` run on one intra-op thread: each op then takes ~2 us
-# and a second thread's wake-up costs more than it saves (B = 256 on a 14x14 grid, 57,600 entries: 25 rounds in
-# ~210 us on one thread against ~290 us on two; from ~150,000 entries two threads win)
+# and a second thread's wake-up costs more than it saves (B = 256 on a 14x14 grid, 57,615 entries: the labelling
+# with 25 rounds took ~360 us on one thread against ~445 us on two; from ~150,000 entries two threads win)
 SINGLE_THREAD_ENTRIES = 1 << 17
 
 
